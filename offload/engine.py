@@ -1,0 +1,267 @@
+"""Build the HF model on the meta device, swap its linears for cache-backed ones, load the small
+parameters, and wire store -> cache -> prefetcher -> modules. `load()` is the public entry point."""
+import importlib.util
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from .cache import DeviceCache, parse_budget
+from .errors import OffloadError
+from .formats import make_format
+from .host import HostStore, check_ram
+from .modules import empty_model, linear_modules, swap_linears
+from .prefetch import Prefetcher
+from .store import WeightsDir
+from .units import fmt_bytes
+
+KV_RESERVE_TOKENS = 4096  # context the "auto" budget keeps room for (batch 1)
+SCRATCH_RESERVE = 512 << 20  # activations, allocator slack
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise OffloadError(f"unknown device {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OffloadError("device cuda requested but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise OffloadError(f"unsupported device {device} (cpu or cuda)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _resolve_dtype(dtype, device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise OffloadError(f"unknown dtype {dtype!r} (choose from {', '.join(names)})")
+        dtype = names[dtype]
+    return dtype
+
+
+def _kv_bytes_per_token(config, dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class Engine:
+    """An offloaded HF causal LM. Use `offload.load(...)` to make one; close it (or use `with`)."""
+
+    def __init__(self, model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None,
+                 cache_format="int4", progress=True):
+        self._closed = True
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.weights = WeightsDir(weights_dir)
+        config_dir = Path(model_dir) if model_dir is not None else self.weights.path
+        if not (config_dir / "config.json").exists():
+            raise OffloadError(f"{config_dir} has no config.json")
+        self.config = AutoConfig.from_pretrained(config_dir)
+        self.fmt = make_format(cache_format, self.weights.block_size)
+
+        attn = "sdpa"
+        if self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and self.dtype != torch.float32:
+            attn = "flash_attention_2"
+        model = empty_model(self.config, self.dtype, attn)
+        self.weights.check_config(model)
+        small = {n: t for n, t in self.weights.tensors.items() if t.role != "linear"}
+        check_ram(sum(torch.Size(t.shape).numel() for t in small.values()) * 4, "the unquantized tensors")
+
+        # registration order: usually the execution order, so the plan made now rarely changes
+        # once the first forward has recorded the real one
+        order = [f"{name}.weight" for name in linear_modules(model)]
+        self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress)
+        sizes = {k: self.fmt.slot_nbytes(e) for k, e in self.store.entries.items()}
+        budget = parse_budget(cache, sizes, self._auto_budget(sizes) if self.device.type == "cuda" else None)
+        self.cache = DeviceCache(sizes, budget, policy)
+        self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device)
+        self._closed = False
+
+        swap_linears(model, self.weights.linears, self.prefetcher)
+        self._load_small(model, small)
+        model.eval()
+        gen_dir = config_dir if (config_dir / "generation_config.json").exists() else self.weights.path
+        if (gen_dir / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(gen_dir)
+        self.model = model
+        self.tokenizer = self._load_tokenizer(config_dir)
+        self._small_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        model.register_forward_hook(self._after_forward, with_kwargs=True)
+        self.reset_stats()
+
+    def _load_tokenizer(self, config_dir):
+        # Synthetic and test models may come without one: token ids still work through engine.model.
+        tok_dir = next((d for d in (self.weights.path, config_dir) if (d / "tokenizer_config.json").exists()), None)
+        if tok_dir is None:
+            return None
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+        return tokenizer
+
+    def _auto_budget(self, sizes) -> int:
+        free, _total = torch.cuda.mem_get_info(self.device)
+        small = sum(torch.Size(t.shape).numel() for t in self.weights.tensors.values() if t.role != "linear")
+        reserve = (small * torch.finfo(self.dtype).bits // 8
+                   + KV_RESERVE_TOKENS * _kv_bytes_per_token(self.config, self.dtype)
+                   + 2 * max(n * k * 2 for n, k in (e.shape for e in self.store.entries.values()))
+                   + SCRATCH_RESERVE)
+        if free - reserve < max(sizes.values()):
+            raise OffloadError(f"not enough device memory for the auto cache: {fmt_bytes(free)} free, "
+                               f"{fmt_bytes(reserve)} reserved for parameters, KV cache and scratch")
+        return free - reserve
+
+    def _load_small(self, model, small) -> None:
+        state = {}
+        for name, (tensor,) in self.weights.iter_read(small):
+            state[name] = tensor.to(self.device, self.dtype if tensor.is_floating_point() else tensor.dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if p.is_meta:
+                raise OffloadError(f"{self.weights.path} has no tensor for {name} (manifest does not match the config)")
+        model.to(self.device)  # buffers built on the host (rotary tables)
+
+    # ---- stats ----
+    def reset_stats(self) -> None:
+        """Zero the timing and traffic counters (the cache keeps what it holds)."""
+        self._acc = {"prefill": [0, 0.0, 0], "decode": [0, 0.0, 0]}  # tokens, seconds, h2d bytes
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._counters0 = (self.cache.hits, self.cache.misses)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _before_forward(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"]
+        past = kwargs.get("past_key_values")
+        prefill = past is None or past.get_seq_length() == 0
+        self._sync()
+        self._pass = ("prefill" if prefill else "decode", ids.shape[0] * ids.shape[1], self.cache.h2d_bytes,
+                      time.perf_counter())
+        self.prefetcher.begin_pass()
+
+    def _after_forward(self, module, args, kwargs, output) -> None:
+        self._sync()
+        phase, tokens, h2d0, t0 = self._pass
+        acc = self._acc[phase]
+        acc[0] += tokens
+        acc[1] += time.perf_counter() - t0
+        acc[2] += self.cache.h2d_bytes - h2d0
+        self.prefetcher.end_pass()
+
+    @property
+    def stats(self) -> dict:
+        """Throughput, cache traffic and memory since load (or `reset_stats`)."""
+        (pt, ps, pb), (dt, ds, db) = self._acc["prefill"], self._acc["decode"]
+        hits, misses = self.cache.hits - self._counters0[0], self.cache.misses - self._counters0[1]
+        cuda = self.device.type == "cuda"
+        return {
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "policy": self.cache.policy, "cache_format": self.fmt.name, "cache_spec": self.cache.budget.spec,
+            "prefill_tokens": pt, "prefill_seconds": ps, "prefill_tokens_per_s": pt / ps if ps else 0.0,
+            "decode_tokens": dt, "decode_seconds": ds, "decode_tokens_per_s": dt / ds if ds else 0.0,
+            "h2d_bytes_per_token": db / dt if dt else 0.0, "h2d_bytes": pb + db,
+            "cache_hits": hits, "cache_misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "prefetch_waits": self.prefetcher.waits,
+            "cache_budget_bytes": self.cache.budget_bytes,
+            "cache_budget_entries": self.cache.budget.limit if self.cache.budget.unit == "entries" else None,
+            "resident_bytes": self.cache.resident_bytes, "pinned_bytes": self.cache.pinned_bytes,
+            "streamed_bytes_per_token": self.cache.model_bytes - self.cache.pinned_bytes
+            if self.cache.policy == "pin" else None,
+            "model_bytes": self.cache.model_bytes, "host_bytes": self.store.nbytes,
+            "host_pinned": self.store.pinned,
+            "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if cuda
+            else self.cache.peak_bytes + self._small_bytes,
+        }
+
+    def memory_plan(self) -> str:
+        """One line: budget, resident bytes, streamed bytes per token."""
+        return (f"memory plan: {self.cache.plan_line()}; model {fmt_bytes(self.cache.model_bytes)} int4 in "
+                f"{fmt_bytes(self.store.nbytes)} of {'pinned ' if self.store.pinned else ''}host RAM; "
+                f"{self.device} {str(self.dtype).removeprefix('torch.')}")
+
+    # ---- generation ----
+    def encode(self, prompts, chat=False):
+        """Tokenize prompt(s) (optionally through the chat template), left-padded, on the device."""
+        if self.tokenizer is None:
+            raise OffloadError(f"{self.weights.path} has no tokenizer files: pass token ids to engine.model.generate")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if chat:
+            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                        add_generation_prompt=True) for p in prompts]
+        else:
+            texts = prompts
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        return enc.to(self.device)
+
+    def generate(self, prompts, max_new_tokens=128, chat=False, **generate_kwargs):
+        """Generate a completion for a prompt (str -> str) or a batch (list[str] -> list[str]).
+
+        Extra keyword arguments go to the HF `generate` (do_sample, temperature, streamer, ...);
+        without them decoding is greedy.
+        """
+        if self._closed:
+            raise OffloadError("the engine is closed")
+        enc = self.encode(prompts, chat)
+        generate_kwargs.setdefault("do_sample", False)
+        if not generate_kwargs["do_sample"]:
+            generate_kwargs.setdefault("temperature", None)
+            generate_kwargs.setdefault("top_p", None)
+            generate_kwargs.setdefault("top_k", None)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
+        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return texts[0] if isinstance(prompts, str) else texts
+
+    def close(self) -> None:
+        """Stop the prefetch thread and free device and page-locked host memory."""
+        if self._closed:
+            return
+        self._closed = True
+        self.prefetcher.close()
+        self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception as e:  # interpreter shutdown: modules may be gone already
+            warnings.warn(f"offload: close at exit failed: {e}")
+
+
+def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None, cache_format="int4",
+         progress=True) -> Engine:
+    """Load an offloaded model.
+
+    model_dir: the HF model dir (config; may be None: the weights dir carries a copy).
+    weights_dir: made by `offload-quantize`.
+    cache: "auto" | "full" | entries (int) | size ("12GiB", "500MiB", "65536B") | share ("25%").
+    policy: "pin" (fixed resident set + streaming ring) or "lru".
+    device: None = cuda if available else cpu. dtype: None = bfloat16 on cuda, float32 on cpu.
+    """
+    return Engine(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype,
+                  cache_format=cache_format, progress=progress)

@@ -1,0 +1,112 @@
+"""One host buffer holding every quantized matrix, with a view per matrix.
+
+Each entry is one contiguous byte range [packed | pad | scales], so moving an entry to the
+device is a single copy. On a CUDA machine the buffer is page-locked with cudaHostRegister
+at its exact size (PyTorch's pinned allocator would round a 16.5 GB request up to 32 GB).
+"""
+from dataclasses import dataclass
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from . import quant
+from .errors import OffloadError
+from .units import fmt_bytes
+
+ALIGN = 256  # bytes; keeps every view aligned for vectorized DMA and kernel loads
+RAM_HEADROOM = 1 << 30  # left free for the process itself, tokenizer, activations
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one quantized [N, K] matrix lives in the host buffer."""
+    key: str
+    shape: tuple  # (N, K)
+    offset: int  # of the entry in the host buffer
+    packed_nbytes: int
+    scales_offset: int  # relative to `offset`
+    scales_nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.scales_offset + self.scales_nbytes
+
+    def views(self, raw: torch.Tensor, block_size: int):
+        """Entry bytes (uint8 [nbytes], on any device) -> (packed uint8 [N, Kp/2], scales bf16 [N, Kp/block])."""
+        n = self.shape[0]
+        packed = raw[: self.packed_nbytes].view(n, -1)
+        scales = raw[self.scales_offset: self.nbytes].view(torch.bfloat16).view(n, -1)
+        assert scales.shape[1] * block_size == packed.shape[1] * 2
+        return packed, scales
+
+
+def layout(shapes: dict[str, tuple], block_size: int) -> tuple[dict[str, Entry], int]:
+    entries, offset = {}, 0
+    for key, shape in shapes.items():
+        packed, scales = quant.quantized_nbytes(shape, block_size)
+        entries[key] = Entry(key, tuple(shape), offset, packed, _align(packed), scales)
+        offset = _align(offset + entries[key].nbytes)
+    return entries, offset
+
+
+def check_ram(need: int, what: str) -> None:
+    available = psutil.virtual_memory().available
+    if need + RAM_HEADROOM > available:
+        raise OffloadError(f"not enough host RAM: {what} needs {fmt_bytes(need)} "
+                           f"(+{fmt_bytes(RAM_HEADROOM)} headroom), {fmt_bytes(available)} available")
+
+
+class HostStore:
+    """All int4 matrices of a model in ONE host buffer (page-locked when `pin`)."""
+
+    def __init__(self, shapes: dict[str, tuple], block_size: int, pin: bool):
+        self.block_size = block_size
+        self.entries, self.nbytes = layout(shapes, block_size)
+        check_ram(self.nbytes, "the int4 weights")
+        self.buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.pinned = False
+        if pin:
+            self._register()
+
+    @classmethod
+    def from_weights(cls, weights, order, pin: bool, progress=True) -> "HostStore":
+        """Fill the store from a WeightsDir, one tensor at a time, laid out in `order`."""
+        store = cls({k: weights.tensors[k].shape for k in order}, weights.block_size, pin=False)
+        reads = weights.iter_read(store.entries)
+        for key, (qweight, scales) in tqdm(reads, total=len(store.entries), desc="loading int4 weights",
+                                           unit="matrix", disable=not progress):
+            packed_view, scales_view = store.views(key)
+            if qweight.shape != packed_view.shape or scales.shape != scales_view.shape:
+                raise OffloadError(f"{key}: stored as {list(qweight.shape)} + {list(scales.shape)}, "
+                                   f"the manifest shape {list(store.entries[key].shape)} needs "
+                                   f"{list(packed_view.shape)} + {list(scales_view.shape)}")
+            packed_view.copy_(qweight)
+            scales_view.copy_(scales)
+        if pin:
+            store._register()
+        return store
+
+    def _register(self) -> None:
+        # Register after filling: page-locking a buffer is cheaper than copying into one.
+        err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.nbytes, 0)
+        if int(err) != 0:
+            raise OffloadError(f"cudaHostRegister of {fmt_bytes(self.nbytes)} failed (error {int(err)}); "
+                               "is the locked-memory limit (ulimit -l) too low?")
+        self.pinned = True
+
+    def raw(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        return self.buffer[e.offset: e.offset + e.nbytes]
+
+    def views(self, key: str):
+        return self.entries[key].views(self.raw(key), self.block_size)
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.pinned = False

@@ -1,0 +1,221 @@
+"""The prefetch thread: walks the recorded layer order ahead of the compute thread and copies
+the next entries into device slots, evicting what the cache's policy says.
+
+Synchronization, on cuda:
+  copy stream:    [wait consumed(victim)] copy entry -> slot, record ready(slot)
+  compute stream: wait ready(slot), matmul, record consumed(slot)
+The host never waits for the device in the steady state: the compute thread only blocks when
+the copy of the entry it needs has not even been issued yet. On cpu the same thread and logic
+run with plain synchronous copies and no events.
+"""
+import threading
+
+import torch
+
+from .errors import OffloadError
+
+
+class Slot:
+    """One resident entry: its device data and the events that order its use."""
+    __slots__ = ("key", "data", "copied", "pending", "in_use", "loading", "ready", "consumed")
+
+    def __init__(self, key: str):
+        self.key, self.data = key, None
+        self.copied = 0  # bytes copied in and not yet counted by an access
+        self.pending = False  # fetched ahead (or found resident ahead) and not used yet: keep it
+        self.in_use = 0
+        self.loading = True
+        self.ready = self.consumed = None
+
+
+class Prefetcher:
+    """Serves `acquire`/`release` to OffloadedLinear; owns the copy stream and the thread."""
+
+    def __init__(self, cache, store, fmt, device: torch.device):
+        self.cache, self.store, self.fmt, self.device = cache, store, fmt, device
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.cond = threading.Condition()
+        self.slots: dict[str, Slot] = {}
+        self.recording = True  # the first forward records the order of accesses
+        self.order: list[str] = []
+        self.positions: dict[str, list[int]] = {}
+        self.pos = -1  # index in `order` of the entry the compute thread uses now
+        self.demand = None  # an entry the compute thread is blocked on
+        self.waits = 0  # accesses that found their copy not yet issued
+        self.thread = None
+        self.error = None
+        self.closed = False
+
+    # ---- compute thread ----
+    def begin_pass(self) -> None:
+        with self.cond:
+            if self.recording:
+                self.order.clear()  # an earlier pass that raised left a partial order
+
+    def end_pass(self) -> None:
+        with self.cond:
+            if not self.recording or not self.order:
+                return
+            self.recording = False
+            self.positions = {}
+            for i, key in enumerate(self.order):
+                self.positions.setdefault(key, []).append(i)
+            self.pos = len(self.order) - 1
+            for key in self.cache.replan(list(dict.fromkeys(self.order))):
+                self._evict(key)
+            self.thread = threading.Thread(target=self._run, name="offload-prefetch", daemon=True)
+            self.thread.start()
+
+    def acquire(self, key: str) -> Slot:
+        with self.cond:
+            self._check()
+            if self.recording:
+                self.order.append(key)
+            else:
+                self._advance(key)
+            slot = self.slots.get(key)
+            if self.thread is None:
+                if slot is None:
+                    slot = self._load_here(key)
+            elif slot is None or slot.loading:
+                self.waits += 1
+                self.demand = key
+                self.cond.notify_all()
+                while (slot := self.slots.get(key)) is None or slot.loading:
+                    self.cond.wait(0.2)
+                    self._check()
+                self.demand = None
+            slot.in_use += 1
+            slot.pending = False
+            self.cache.touch(key, slot.copied)
+            slot.copied = 0
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        if self.cuda:
+            slot.consumed = slot.consumed or torch.cuda.Event()
+            slot.consumed.record(torch.cuda.current_stream(self.device))
+        with self.cond:
+            slot.in_use -= 1
+            self.cond.notify_all()
+
+    def _advance(self, key: str) -> None:
+        n = len(self.order)
+        nxt = (self.pos + 1) % n
+        if self.order[nxt] != key:
+            if key not in self.positions:
+                return  # never seen in the recorded pass: served on demand
+            # Off the recorded order: what was fetched ahead may never be used, so stop protecting it.
+            nxt = min(self.positions[key], key=lambda p: (p - nxt) % n)
+            for slot in self.slots.values():
+                slot.pending = False
+        self.pos = nxt
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise OffloadError(f"prefetch thread failed: {type(self.error).__name__}: {self.error}") from self.error
+        if self.closed:
+            raise OffloadError("the engine is closed")
+        if self.thread is not None and not self.thread.is_alive():
+            raise OffloadError("prefetch thread died")
+
+    def _load_here(self, key: str) -> Slot:
+        # Before the order is known there is no thread: the compute thread loads synchronously.
+        protected = {k for k, s in self.slots.items() if s.in_use}
+        victims = self.cache.victims(key, protected)
+        if victims is None:
+            raise OffloadError(f"cache budget {self.cache.budget} cannot hold {key} while other entries are in use")
+        slot = self._reserve(key, victims)
+        self._fill(slot)
+        slot.loading = False
+        return slot
+
+    # ---- prefetch thread ----
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while (job := self._next_job()) is None:
+                        if self.closed:
+                            return
+                        self.cond.wait(0.5)
+                    if self.closed:
+                        return
+                    slot = self._reserve(*job)
+                self._fill(slot)  # outside the lock: on cpu the copy itself takes time
+                with self.cond:
+                    slot.loading = False
+                    self.cond.notify_all()
+        except BaseException as e:  # surfaced in the compute thread by _check
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+
+    def _next_job(self):
+        """(key, victims) of the next entry to copy, or None if nothing can be done now."""
+        if self.closed:
+            return None
+        protected = {k for k, s in self.slots.items() if s.in_use or s.pending or s.loading}
+        if self.demand is not None and self.demand not in self.slots:
+            victims = self.cache.victims(self.demand, protected)
+            if victims is None:
+                # The compute thread is blocked on this entry: what was fetched ahead gives way.
+                for slot in self.slots.values():
+                    slot.pending = False
+                victims = self.cache.victims(self.demand, {k for k, s in self.slots.items() if s.in_use or s.loading})
+            return None if victims is None else (self.demand, victims)
+        n = len(self.order)
+        for i in range(self.pos + 1, self.pos + 1 + n):
+            key = self.order[i % n]
+            slot = self.slots.get(key)
+            if slot is not None:
+                slot.pending = slot.pending or not slot.in_use
+                protected.add(key)
+                continue
+            victims = self.cache.victims(key, protected)
+            return None if victims is None else (key, victims)
+        return None
+
+    # ---- both threads, under the lock except _fill ----
+    def _reserve(self, key: str, victims: list[str]) -> Slot:
+        for victim in victims:
+            self._evict(victim)
+        slot = self.slots[key] = Slot(key)
+        slot.pending = not self.recording
+        self.cache.admit(key)
+        return slot
+
+    def _evict(self, key: str) -> None:
+        slot = self.slots.pop(key)
+        self.cache.evict(key)
+        if self.cuda and slot.consumed is not None:
+            # The slot's memory goes back to the allocator on the copy stream: later copies into
+            # it must wait until the matmul that read it is done.
+            self.copy_stream.wait_event(slot.consumed)
+
+    def _fill(self, slot: Slot) -> None:
+        entry = self.store.entries[slot.key]
+        host = self.store.raw(slot.key)  # uint8 [nbytes], page-locked on cuda
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
+                raw.copy_(host, non_blocking=True)
+                slot.data = self.fmt.materialize(raw, entry)
+                slot.ready = torch.cuda.Event()
+                slot.ready.record(self.copy_stream)
+        else:
+            slot.data = self.fmt.materialize(host.clone(), entry)
+        slot.copied = entry.nbytes
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
+        with self.cond:
+            for key in list(self.slots):
+                self._evict(key)

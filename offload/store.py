@@ -1,0 +1,248 @@
+"""The weights dir: a streaming quantizer (HF safetensors -> int4 shards + JSON manifest) and its reader.
+
+weights/
+  offload.json                  manifest: format version, block size, source, per-tensor shape/role/shard
+  model-00001.safetensors ...   "<name>.qweight" uint8 [N, Kp/2] + "<name>.scales" bf16 [N, Kp/128] per linear,
+                                unquantized tensors (embeddings, norms, biases) under their own names
+  config.json, tokenizer files  copied so the dir is self-contained
+Only safetensors and JSON are read: no pickle anywhere.
+"""
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from . import quant
+from .errors import OffloadError
+from .modules import empty_model, linear_modules
+from .units import fmt_bytes
+
+MANIFEST = "offload.json"
+FORMAT_VERSION = 1
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+              "added_tokens.json", "chat_template.jinja", "chat_template.json")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _source_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in dict.fromkeys(weight_map.values())]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise OffloadError(f"no *.safetensors files in {model_dir} (offload reads safetensors only, never pickle)")
+    return files
+
+
+def _role(name: str, module) -> str:
+    if name.endswith(".bias"):
+        return "bias"
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if "norm" in type(module).__name__.lower():
+        return "norm"
+    return "other"
+
+
+class _ShardWriter:
+    """Collects tensors and writes a safetensors shard whenever `shard_bytes` is reached."""
+
+    def __init__(self, out: Path, shard_bytes: int):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_names: list[dict] = []  # manifest records waiting for their shard name
+        self.size, self.count = 0, 0
+        self.shards: dict[str, int] = {}
+
+    def add(self, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.pending.update({k: v.contiguous() for k, v in tensors.items()})
+        self.pending_names.append(record)
+        self.size += sum(v.numel() * v.element_size() for v in tensors.values())
+        if self.size >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        self.count += 1
+        name = f"model-{self.count:05d}.safetensors"
+        save_file(self.pending, str(self.out / name), metadata={"format": "offload-int4"})
+        self.shards[name] = (self.out / name).stat().st_size
+        for record in self.pending_names:
+            record["shard"] = name
+        self.pending, self.pending_names, self.size = {}, [], 0
+
+
+def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, device="cpu",
+                   shard_bytes=1 << 30, force=False, progress=True) -> Path:
+    """Quantize an HF safetensors model dir into a weights dir, one tensor at a time.
+
+    Writes into a temporary sibling dir and renames it at the end, so an interrupted run never
+    leaves a weights dir that looks complete.
+    """
+    model_dir, out = Path(model_dir), Path(weights_dir)
+    if not (model_dir / "config.json").exists():
+        raise OffloadError(f"{model_dir} is not a model dir (no config.json)")
+    if out.exists() and not force:
+        raise OffloadError(f"{out} already exists (use --force to replace it)")
+    config = AutoConfig.from_pretrained(model_dir)
+    skeleton = empty_model(config)
+    linears = linear_modules(skeleton)
+    modules = dict(skeleton.named_modules())
+    wanted = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    linear_keys = {f"{name}.weight" for name in linears}
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules,
+                                     block_size, device, shard_bytes, progress)
+        for f in SIDE_FILES:
+            if (model_dir / f).exists():
+                shutil.copy2(model_dir / f, tmp / f)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, block_size, device,
+                      shard_bytes, progress) -> dict:
+    files = _source_files(model_dir)
+    names = {}
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            names.update({k: f for k in sf.keys()})
+    # Tied output embedding: lm_head has no tensor of its own; quantize a copy of the input embedding.
+    tied = [k for k in linear_keys if k not in names]
+    embed_key = None
+    if tied:
+        embed_key = next((f"{n}.weight" for n, m in modules.items()
+                          if isinstance(m, torch.nn.Embedding) and f"{n}.weight" in names), None)
+        if not getattr(config, "tie_word_embeddings", False) or embed_key is None:
+            raise OffloadError(f"{model_dir} has no tensor for {sorted(tied)[0]}")
+
+    writer = _ShardWriter(tmp, shard_bytes)
+    tensors, t0 = {}, time.time()
+    jobs = [(k, names[k]) for k in names if k in wanted] + [(k, names[embed_key]) for k in tied]
+    for key, f in tqdm(jobs, desc="quantizing", unit="tensor", disable=not progress):
+        with safe_open(f, framework="pt") as sf:
+            src = sf.get_tensor(embed_key if key in tied else key)
+        if tuple(src.shape) != wanted[key]:
+            raise OffloadError(f"{key}: shape {tuple(src.shape)} in {f.name} but the config wants {wanted[key]}")
+        if src.dtype not in FLOAT_DTYPES:
+            raise OffloadError(f"{key}: unsupported dtype {src.dtype} (bf16, fp16 or fp32 expected)")
+        if key in linear_keys:
+            packed, scales = quant.quantize(src.to(device), block_size)
+            stem = key.removesuffix(".weight")
+            record = {"role": "linear", "shape": list(src.shape), "quant": "int4",
+                      "keys": [f"{stem}.qweight", f"{stem}.scales"]}
+            writer.add(record, {f"{stem}.qweight": packed.cpu(), f"{stem}.scales": scales.cpu()})
+        else:
+            module = modules.get(key.rpartition(".")[0])
+            record = {"role": _role(key, module), "shape": list(src.shape), "dtype": str(src.dtype).removeprefix("torch."),
+                      "keys": [key]}
+            writer.add(record, {key: src})
+        tensors[key] = record
+        del src
+    writer.flush()
+    missing = sorted(set(wanted) - set(tensors))
+    if missing:
+        raise OffloadError(f"{model_dir} has no tensor for {missing[0]} ({len(missing)} missing)")
+    return {"format": "offload-int4", "format_version": FORMAT_VERSION, "block_size": block_size,
+            "method": "absmax", "source_model": str(model_dir.resolve()),
+            "model_type": config.model_type, "architectures": getattr(config, "architectures", None),
+            "quantize_seconds": round(time.time() - t0, 2), "shards": writer.shards, "tensors": tensors}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    role: str
+    shape: tuple
+    shard: Path
+    keys: list
+
+
+class WeightsDir:
+    """Reads and checks a weights dir written by `quantize_model`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise OffloadError(f"weights dir {self.path} does not exist (create it with offload-quantize)")
+        if not manifest_path.exists():
+            raise OffloadError(f"{self.path} is not a weights dir: no {MANIFEST} (create it with offload-quantize)")
+        try:
+            m = json.loads(manifest_path.read_text())
+            version, self.block_size = m["format_version"], int(m["block_size"])
+            shards, tensors = m["shards"], m["tensors"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise OffloadError(f"{manifest_path} is corrupt ({type(e).__name__}: {e})") from e
+        if version != FORMAT_VERSION:
+            raise OffloadError(f"{manifest_path}: format version {version}, this offload reads {FORMAT_VERSION}")
+        self.manifest = m
+        for shard, size in shards.items():
+            f = self.path / shard
+            if not f.exists():
+                raise OffloadError(f"shard {f} is missing")
+            if f.stat().st_size != size:
+                raise OffloadError(f"shard {f} is corrupt or truncated ({f.stat().st_size} bytes, manifest says {size})")
+        self.tensors = {name: TensorInfo(name, t["role"], tuple(t["shape"]), self.path / t["shard"], t["keys"])
+                        for name, t in tensors.items()}
+
+    @property
+    def linears(self) -> dict[str, TensorInfo]:
+        return {n: t for n, t in self.tensors.items() if t.role == "linear"}
+
+    def read(self, name: str) -> list[torch.Tensor]:
+        """The stored tensors of `name`: [qweight, scales] for a linear, [tensor] otherwise."""
+        return next(self.iter_read([name]))[1]
+
+    def iter_read(self, names):
+        """(name, stored tensors) for each of `names`, opening each shard once."""
+        names = list(names)
+        for shard in dict.fromkeys(self.tensors[n].shard for n in names):
+            try:
+                with safe_open(shard, framework="pt") as sf:
+                    for name in names:
+                        if self.tensors[name].shard == shard:
+                            yield name, [sf.get_tensor(k) for k in self.tensors[name].keys]
+            except OffloadError:
+                raise
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise OffloadError(f"cannot read {shard}: {e}") from e
+
+    def check_config(self, model) -> None:
+        """Fail if the manifest's tensors do not match the model built from the config."""
+        linears = {f"{n}.weight": tuple(m.weight.shape) for n, m in linear_modules(model).items()}
+        stored = self.linears
+        for key, shape in linears.items():
+            if key not in stored:
+                raise OffloadError(f"manifest of {self.path} does not match the config: no quantized {key}")
+            if stored[key].shape != shape:
+                raise OffloadError(f"manifest of {self.path} does not match the config: {key} is "
+                                   f"{list(stored[key].shape)}, the config wants {list(shape)}")
+        extra = sorted(set(stored) - set(linears))
+        if extra:
+            raise OffloadError(f"manifest of {self.path} does not match the config: unexpected {extra[0]}")
+
+    def describe(self) -> str:
+        sizes = [quant.quantized_nbytes(t.shape, self.block_size) for t in self.linears.values()]
+        return f"{len(sizes)} int4 matrices, {fmt_bytes(sum(a + b for a, b in sizes))}"

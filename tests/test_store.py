@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from offload import quant, store
+from offload.errors import OffloadError
+
+import tiny
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny.make("llama", tmp_path_factory.mktemp("store"))
+
+
+def test_quantized_tensors_equal_the_reference_functions(llama):
+    model_dir, weights_dir = llama
+    m = tiny.manifest(weights_dir)
+    assert m["format_version"] == store.FORMAT_VERSION and m["block_size"] == 128
+    with safe_open(model_dir / "model.safetensors", framework="pt") as src:
+        source = {k: src.get_tensor(k) for k in src.keys()}
+    w = store.WeightsDir(weights_dir)
+    for name, info in m["tensors"].items():
+        stored = w.read(name)
+        # tied embeddings: lm_head is a quantized copy of the input embedding
+        original = source.get(name, source["model.embed_tokens.weight"])
+        if info["role"] == "linear":
+            packed, scales = quant.quantize(original)
+            assert torch.equal(stored[0], packed) and torch.equal(stored[1], scales)
+        else:
+            assert torch.equal(stored[0], original)
+    roles = {info["role"] for info in m["tensors"].values()}
+    assert roles == {"linear", "embedding", "norm"}
+    assert "lm_head.weight" in w.linears and "lm_head.weight" not in source
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (weights_dir / f).exists()
+
+
+def test_sharded_sources_and_outputs(llama, tmp_path):
+    model_dir, _ = llama
+    from transformers import AutoModelForCausalLM
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    out = store.quantize_model(sharded, tmp_path / "w", shard_bytes=50_000, progress=False)
+    w = store.WeightsDir(out)
+    assert len(w.manifest["shards"]) > 1
+    ref = store.WeightsDir(llama[1])
+    for name in ref.tensors:
+        assert all(torch.equal(a, b) for a, b in zip(w.read(name), ref.read(name)))
+
+
+def test_interrupted_quantization_leaves_nothing_that_looks_complete(llama, tmp_path, monkeypatch):
+    model_dir, _ = llama
+    calls = []
+
+    def failing(w, block_size=128):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(w, block_size)
+
+    real = quant.quantize
+    monkeypatch.setattr(quant, "quantize", failing)
+    with pytest.raises(KeyboardInterrupt):
+        store.quantize_model(model_dir, tmp_path / "w", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_and_rejects_non_models(llama, tmp_path):
+    model_dir, weights_dir = llama
+    with pytest.raises(OffloadError, match="already exists"):
+        store.quantize_model(model_dir, weights_dir, progress=False)
+    with pytest.raises(OffloadError, match="not a model dir"):
+        store.quantize_model(tmp_path, tmp_path / "w", progress=False)
+
+
+def test_reader_rejects_damaged_dirs(llama, tmp_path):
+    import shutil
+    _, weights_dir = llama
+    with pytest.raises(OffloadError, match="does not exist"):
+        store.WeightsDir(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    shutil.copytree(weights_dir, bad)
+    shard = next(bad.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(OffloadError, match="truncated"):
+        store.WeightsDir(bad)
+    (bad / "offload.json").write_text("{not json")
+    with pytest.raises(OffloadError, match="corrupt"):
+        store.WeightsDir(bad)
+    m = tiny.manifest(weights_dir)
+    m["format_version"] = 99
+    (bad / "offload.json").write_text(json.dumps(m))
+    with pytest.raises(OffloadError, match="format version"):
+        store.WeightsDir(bad)

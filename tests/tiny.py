@@ -1,0 +1,67 @@
+"""Tiny random HF models with a byte-level tokenizer, saved and quantized for the tests."""
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from offload.quant import dequantize, quantize
+from offload.store import quantize_model
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def config(kind: str):
+    # Large init so greedy decoding of a random model does not collapse onto one token.
+    common = dict(vocab_size=260, num_hidden_layers=3, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.3, eos_token_id=256, pad_token_id=257)
+    if kind == "llama":  # tied embeddings; hidden 192 is not a multiple of the 128 block
+        return LlamaConfig(hidden_size=192, intermediate_size=320, num_attention_heads=6,
+                           tie_word_embeddings=True, **common)
+    if kind == "qwen2":  # q/k/v biases, as the DeepSeek-R1-Distill-Qwen family
+        return Qwen2Config(hidden_size=256, intermediate_size=384, num_attention_heads=4,
+                           tie_word_embeddings=False, **common)
+    raise ValueError(kind)
+
+
+def make(kind: str, root: Path) -> tuple[Path, Path]:
+    """Save a tiny random `kind` model to root/kind and quantize it to root/kind-w."""
+    model_dir, weights_dir = root / kind, root / f"{kind}-w"
+    if not (weights_dir / "offload.json").exists():
+        torch.manual_seed({"llama": 1, "qwen2": 2}[kind])
+        model = AutoModelForCausalLM.from_config(config(kind))
+        model.save_pretrained(model_dir)
+        tok = byte_tokenizer()
+        tok.save_pretrained(model_dir)
+        quantize_model(model_dir, weights_dir, force=True, progress=False)
+    return model_dir, weights_dir
+
+
+def reference_model(model_dir: Path, device="cpu"):
+    """The same HF model with every linear weight replaced by dequantize(quantize(w)): what the engine must match."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if model.config.tie_word_embeddings:  # the engine quantizes lm_head; the input embedding stays exact
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            w = module.weight.data
+            module.weight.data = dequantize(*quantize(w), w.shape)
+    return model.to(device).eval()
+
+
+def manifest(weights_dir: Path) -> dict:
+    return json.loads((weights_dir / "offload.json").read_text())
