@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from .cache import DeviceCache, parse_budget
 from .errors import OffloadError
@@ -59,15 +59,21 @@ class Engine:
     """An offloaded HF causal LM. Use `offload.load(...)` to make one; close it (or use `with`)."""
 
     def __init__(self, model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None,
-                 cache_format="int4", progress=True):
+                 cache_format="int4", device_memory=None, progress=True):
         self._closed = True
+        self.device_memory = device_memory
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
-        self.weights = WeightsDir(weights_dir)
-        config_dir = Path(model_dir) if model_dir is not None else self.weights.path
-        if not (config_dir / "config.json").exists():
-            raise OffloadError(f"{config_dir} has no config.json")
-        self.config = AutoConfig.from_pretrained(config_dir)
+        # weights_dir may also be an object with WeightsDir's interface (benchmarks' synthetic weights),
+        # and model_dir a PretrainedConfig: then there are no side files to read.
+        self.weights = weights_dir if hasattr(weights_dir, "iter_read") else WeightsDir(weights_dir)
+        if isinstance(model_dir, PretrainedConfig):
+            config_dir, self.config = None, model_dir
+        else:
+            config_dir = Path(model_dir) if model_dir is not None else self.weights.path
+            if not (config_dir / "config.json").exists():
+                raise OffloadError(f"{config_dir} has no config.json")
+            self.config = AutoConfig.from_pretrained(config_dir)
         self.fmt = make_format(cache_format, self.weights.block_size)
 
         attn = "sdpa"
@@ -91,19 +97,20 @@ class Engine:
         swap_linears(model, self.weights.linears, self.prefetcher)
         self._load_small(model, small)
         model.eval()
-        gen_dir = config_dir if (config_dir / "generation_config.json").exists() else self.weights.path
-        if (gen_dir / "generation_config.json").exists():
+        side_dirs = [d for d in (config_dir, self.weights.path) if d is not None]
+        gen_dir = next((d for d in side_dirs if (d / "generation_config.json").exists()), None)
+        if gen_dir is not None:
             model.generation_config = GenerationConfig.from_pretrained(gen_dir)
         self.model = model
-        self.tokenizer = self._load_tokenizer(config_dir)
+        self.tokenizer = self._load_tokenizer(side_dirs)
         self._small_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(self._after_forward, with_kwargs=True)
         self.reset_stats()
 
-    def _load_tokenizer(self, config_dir):
+    def _load_tokenizer(self, side_dirs):
         # Synthetic and test models may come without one: token ids still work through engine.model.
-        tok_dir = next((d for d in (self.weights.path, config_dir) if (d / "tokenizer_config.json").exists()), None)
+        tok_dir = next((d for d in side_dirs[::-1] if (d / "tokenizer_config.json").exists()), None)
         if tok_dir is None:
             return None
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -114,6 +121,8 @@ class Engine:
 
     def _auto_budget(self, sizes) -> int:
         free, _total = torch.cuda.mem_get_info(self.device)
+        if self.device_memory is not None:  # an emulated smaller card
+            free = min(free, self.device_memory - torch.cuda.memory_reserved(self.device))
         small = sum(torch.Size(t.shape).numel() for t in self.weights.tensors.values() if t.role != "linear")
         reserve = (small * torch.finfo(self.dtype).bits // 8
                    + KV_RESERVE_TOKENS * _kv_bytes_per_token(self.config, self.dtype)
@@ -254,7 +263,7 @@ class Engine:
 
 
 def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None, cache_format="int4",
-         progress=True) -> Engine:
+         device_memory=None, progress=True) -> Engine:
     """Load an offloaded model.
 
     model_dir: the HF model dir (config; may be None: the weights dir carries a copy).
@@ -262,6 +271,8 @@ def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dty
     cache: "auto" | "full" | entries (int) | size ("12GiB", "500MiB", "65536B") | share ("25%").
     policy: "pin" (fixed resident set + streaming ring) or "lru".
     device: None = cuda if available else cpu. dtype: None = bfloat16 on cuda, float32 on cpu.
+    cache_format: what the device cache holds ("int4").
+    device_memory: bytes the "auto" budget may plan for (emulate a smaller card); None = all free memory.
     """
     return Engine(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype,
-                  cache_format=cache_format, progress=progress)
+                  cache_format=cache_format, device_memory=device_memory, progress=progress)
