@@ -1,0 +1,21 @@
+"""Fused int4 Triton kernels and their torch references (import name `offload.kernels`).
+
+`int4_linear` is the one function the engine calls; it picks the decode (gemv) or prefill (gemm)
+kernel by the number of activation rows. Nothing here imports the engine.
+"""
+from .dequant import dequantize, dequantize_ref
+from .dispatch import FORCE_TRITON_ENV, int4_linear, int4_linear_ref
+from .gemm import fused_gemm, gemm_ref
+from .gemv import fused_gemv, gemv_ref
+
+__all__ = [
+    "FORCE_TRITON_ENV",
+    "dequantize",
+    "dequantize_ref",
+    "fused_gemm",
+    "fused_gemv",
+    "gemm_ref",
+    "gemv_ref",
+    "int4_linear",
+    "int4_linear_ref",
+]

@@ -192,8 +192,7 @@ class DeviceCache:
         if self.policy == "lru":
             return (f"cache {self.budget}, policy lru: entries evicted least-recently-used "
                     f"(model {fmt_bytes(self.model_bytes)})")
-        streamed = self.model_bytes - self.pinned_bytes
         ring = "" if not self.ring else (
             f", ring {self.ring} x {fmt_bytes(self.slot_cost) if self.budget.unit == 'bytes' else '1 entry'}")
         return (f"cache {self.budget}, policy pin: resident {fmt_bytes(self.pinned_bytes)} "
-                f"({len(self.pinned)}/{len(self.sizes)} matrices){ring}, streamed {fmt_bytes(streamed)}/token")
+                f"({len(self.pinned)}/{len(self.sizes)} matrices){ring}")

@@ -1,8 +1,8 @@
 """Build the HF model on the meta device, swap its linears for cache-backed ones, load the small
 parameters, and wire store -> cache -> prefetcher -> modules. `load()` is the public entry point."""
+import atexit
 import importlib.util
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -74,7 +74,7 @@ class Engine:
             if not (config_dir / "config.json").exists():
                 raise OffloadError(f"{config_dir} has no config.json")
             self.config = AutoConfig.from_pretrained(config_dir)
-        self.fmt = make_format(cache_format, self.weights.block_size)
+        self.fmt = make_format(cache_format, self.weights.block_size, self.device, self.dtype)
 
         attn = "sdpa"
         if self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and self.dtype != torch.float32:
@@ -93,6 +93,7 @@ class Engine:
         self.cache = DeviceCache(sizes, budget, policy)
         self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device)
         self._closed = False
+        atexit.register(self.close)  # stop the thread and unpin host memory before the interpreter goes
 
         swap_linears(model, self.weights.linears, self.prefetcher)
         self._load_small(model, small)
@@ -181,6 +182,7 @@ class Engine:
         (pt, ps, pb), (dt, ds, db) = self._acc["prefill"], self._acc["decode"]
         hits, misses = self.cache.hits - self._counters0[0], self.cache.misses - self._counters0[1]
         cuda = self.device.type == "cuda"
+        entries = self.store.entries
         return {
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "policy": self.cache.policy, "cache_format": self.fmt.name, "cache_spec": self.cache.budget.spec,
@@ -193,9 +195,9 @@ class Engine:
             "cache_budget_bytes": self.cache.budget_bytes,
             "cache_budget_entries": self.cache.budget.limit if self.cache.budget.unit == "entries" else None,
             "resident_bytes": self.cache.resident_bytes, "pinned_bytes": self.cache.pinned_bytes,
-            "streamed_bytes_per_token": self.cache.model_bytes - self.cache.pinned_bytes
+            "streamed_bytes_per_token": sum(e.nbytes for k, e in entries.items() if k not in self.cache.pinned)
             if self.cache.policy == "pin" else None,
-            "model_bytes": self.cache.model_bytes, "host_bytes": self.store.nbytes,
+            "model_bytes": sum(e.nbytes for e in entries.values()), "host_bytes": self.store.nbytes,
             "host_pinned": self.store.pinned,
             "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if cuda
             else self.cache.peak_bytes + self._small_bytes,
@@ -203,7 +205,10 @@ class Engine:
 
     def memory_plan(self) -> str:
         """One line: budget, resident bytes, streamed bytes per token."""
-        return (f"memory plan: {self.cache.plan_line()}; model {fmt_bytes(self.cache.model_bytes)} int4 in "
+        s = self.stats
+        streamed = s["streamed_bytes_per_token"]
+        streamed = f"streamed {fmt_bytes(streamed)}/token" if streamed is not None else "streamed: up to the model/token"
+        return (f"memory plan: {self.cache.plan_line()}, {streamed}; model {fmt_bytes(s['model_bytes'])} int4 in "
                 f"{fmt_bytes(self.store.nbytes)} of {'pinned ' if self.store.pinned else ''}host RAM; "
                 f"{self.device} {str(self.dtype).removeprefix('torch.')}")
 
@@ -246,6 +251,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         self.prefetcher.close()
         self.store.close()
 
@@ -255,11 +261,6 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception as e:  # interpreter shutdown: modules may be gone already
-            warnings.warn(f"offload: close at exit failed: {e}")
 
 
 def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None, cache_format="int4",

@@ -1,7 +1,11 @@
 """What a cache slot holds and how a layer computes with it.
 
-`int4` (default): the slot holds the entry's packed bytes + scales exactly as in the host
-buffer; compute with the int4 kernels on cuda, the torch reference on cpu.
+  int4 (default)  the slot holds the entry's bytes exactly as in the host buffer (packed int4 + bf16
+                  scales). cuda: fused Triton kernels. cpu: PyTorch's int4 CPU kernel when the dtype
+                  is bfloat16 (repacked into the slot once per copy), the exact torch reference in float32.
+  bf16            the prefetch thread dequantizes each entry into a slot of the compute dtype on the
+                  copy stream (the reference blog's design); F.linear computes. Slots are 4x larger.
+The budget counts the bytes each slot really holds (`slot_nbytes`).
 """
 import os
 
@@ -9,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
+from .errors import OffloadError
 
-FORMATS = ("int4",)
+FORMATS = ("int4", "bf16")
 
 
 def force_triton() -> bool:
@@ -18,10 +23,22 @@ def force_triton() -> bool:
     return os.environ.get("OFFLOAD_FORCE_TRITON") == "1"
 
 
+# Kernel modules are imported on first use: TRITON_INTERPRET must be set before they load.
+def _triton():
+    from . import kernels
+    return kernels
+
+
+def _cpu_int4():
+    from .kernels import cpu_int4
+    return cpu_int4
+
+
 class Int4Format:
+    """Packed int4 + scales in the slot; fused int4 matmul."""
     name = "int4"
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, device: torch.device, dtype: torch.dtype):
         self.block_size = block_size
 
     def slot_nbytes(self, entry) -> int:
@@ -35,14 +52,52 @@ class Int4Format:
     def linear(self, x: torch.Tensor, data, bias) -> torch.Tensor:  # x [..., K] -> [..., N]
         packed, scales, k = data
         if x.is_cuda or force_triton():
-            from .kernels import int4_linear  # imported late: TRITON_INTERPRET must be set first
-            return int4_linear(x, packed, scales, k, bias)
-        w = quant.dequantize(packed, scales, (packed.shape[0], k), x.dtype)
+            return _triton().int4_linear(x, packed, scales, k, bias)
+        w = quant.dequantize(packed, scales, (packed.shape[0], k), x.dtype)  # exact reference
         return F.linear(x, w, bias)
 
 
-def make_format(name: str, block_size: int):
-    from .errors import OffloadError
+class CpuInt4Format(Int4Format):
+    """int4 on cpu with bf16 activations: the slot holds PyTorch's CPU int4 layout, repacked on copy-in."""
+
+    def slot_nbytes(self, entry) -> int:
+        return _cpu_int4().repacked_nbytes(*entry.shape)
+
+    def materialize(self, raw: torch.Tensor, entry):
+        packed, scales = entry.views(raw, self.block_size)
+        return _cpu_int4().repack_for_cpu(packed, scales, entry.shape[1])
+
+    def linear(self, x: torch.Tensor, data, bias) -> torch.Tensor:
+        return _cpu_int4().cpu_int4_linear(x, data, bias)
+
+
+class Bf16Format:
+    """A dequantized weight [N, K] of the compute dtype in the slot; F.linear."""
+    name = "bf16"
+
+    def __init__(self, block_size: int, device: torch.device, dtype: torch.dtype):
+        self.block_size, self.device, self.dtype = block_size, device, dtype
+
+    def slot_nbytes(self, entry) -> int:
+        n, k = entry.shape
+        return n * k * torch.finfo(self.dtype).bits // 8
+
+    def materialize(self, raw: torch.Tensor, entry):
+        packed, scales = entry.views(raw, self.block_size)
+        if raw.is_cuda:
+            return _triton().dequantize(packed, scales, entry.shape[1], dtype=self.dtype)  # [N, K]
+        return quant.dequantize(packed, scales, entry.shape, self.dtype)
+
+    def linear(self, x: torch.Tensor, w, bias) -> torch.Tensor:
+        return F.linear(x, w, bias)
+
+
+def make_format(name: str, block_size: int, device: torch.device, dtype: torch.dtype):
     if name not in FORMATS:
         raise OffloadError(f"unknown cache format {name!r} (choose from {', '.join(FORMATS)})")
-    return Int4Format(block_size)
+    if name == "bf16":
+        return Bf16Format(block_size, device, dtype)
+    if device.type == "cpu" and dtype == torch.bfloat16 and not force_triton():
+        if _cpu_int4().cpu_int4_available():
+            return CpuInt4Format(block_size, device, dtype)
+    return Int4Format(block_size, device, dtype)

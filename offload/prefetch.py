@@ -200,7 +200,7 @@ class Prefetcher:
         entry = self.store.entries[slot.key]
         host = self.store.raw(slot.key)  # uint8 [nbytes], page-locked on cuda
         if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
+            with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
                 raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
                 raw.copy_(host, non_blocking=True)
                 slot.data = self.fmt.materialize(raw, entry)

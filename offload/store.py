@@ -5,8 +5,12 @@ weights/
   model-00001.safetensors ...   "<name>.qweight" uint8 [N, Kp/2] + "<name>.scales" bf16 [N, Kp/128] per linear,
                                 unquantized tensors (embeddings, norms, biases) under their own names
   config.json, tokenizer files  copied so the dir is self-contained
+A linear's manifest record says its "quant": int4 (every decoder linear), or for the output projection
+also int8 ("<name>.qweight" int8 [N, Kp] + "<name>.scales", see offload.int8) or bf16 ("<name>.weight").
+The manifest also records the method (absmax, mse, gptq: offload.methods) and its options.
 Only safetensors and JSON are read: no pickle anywhere.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from . import quant
+from . import int8, methods, quant
 from .errors import OffloadError
 from .modules import empty_model, linear_modules
 from .units import fmt_bytes
@@ -31,6 +35,9 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
               "added_tokens.json", "chat_template.jinja", "chat_template.json")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_METHOD = "absmax"
+LM_HEAD_PRECISIONS = ("int4", "int8", "bf16")
+LINEAR_QUANTS = LM_HEAD_PRECISIONS  # what a linear's manifest record may say
 
 
 def _source_files(model_dir: Path) -> list[Path]:
@@ -84,9 +91,14 @@ class _ShardWriter:
 
 
 def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, device="cpu",
-                   shard_bytes=1 << 30, force=False, progress=True) -> Path:
+                   shard_bytes=1 << 30, force=False, progress=True, method=DEFAULT_METHOD,
+                   calibration=None, lm_head="int4") -> Path:
     """Quantize an HF safetensors model dir into a weights dir, one tensor at a time.
 
+    method: "absmax" | "mse" | "gptq" (see offload.methods); every method writes the same int4 layout.
+    calibration: a plain text file, required by gptq (its activations drive the error compensation).
+    lm_head: precision of the output projection: "int4" (streamed like every linear), "int8" or
+    "bf16" (kept resident on the device).
     Writes into a temporary sibling dir and renames it at the end, so an interrupted run never
     leaves a weights dir that looks complete.
     """
@@ -95,19 +107,22 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
         raise OffloadError(f"{model_dir} is not a model dir (no config.json)")
     if out.exists() and not force:
         raise OffloadError(f"{out} already exists (use --force to replace it)")
+    options = _method_options(method, calibration, lm_head)
     config = AutoConfig.from_pretrained(model_dir)
     skeleton = empty_model(config)
     linears = linear_modules(skeleton)
     modules = dict(skeleton.named_modules())
     wanted = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     linear_keys = {f"{name}.weight" for name in linears}
+    head = skeleton.get_output_embeddings()
+    options["head_key"] = next((f"{n}.weight" for n, m in linears.items() if m is head), None)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         manifest = _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules,
-                                     block_size, device, shard_bytes, progress)
+                                     block_size, device, shard_bytes, progress, options)
         for f in SIDE_FILES:
             if (model_dir / f).exists():
                 shutil.copy2(model_dir / f, tmp / f)
@@ -121,8 +136,47 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     return out
 
 
+def _method_options(method, calibration, lm_head) -> dict:
+    if method not in methods.METHODS:
+        raise OffloadError(f"unknown quantization method {method!r} (choose from {', '.join(methods.METHODS)})")
+    if lm_head not in LM_HEAD_PRECISIONS:
+        raise OffloadError(f"unknown lm_head precision {lm_head!r} (choose from {', '.join(LM_HEAD_PRECISIONS)})")
+    options = {"method": method, "lm_head": lm_head}
+    if method == "gptq":
+        if calibration is None:
+            raise OffloadError("method gptq needs a calibration text file (--calibration FILE)")
+        path = Path(calibration)
+        if not path.is_file():
+            raise OffloadError(f"calibration file {path} does not exist")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        options.update(calibration_text=text, calibration=path.name,
+                       calibration_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                       damp=methods.GPTQ_DAMP, seq_len=methods.GPTQ_SEQ_LEN)
+    elif calibration is not None:
+        raise OffloadError(f"--calibration is used by method gptq only, not {method}")
+    if method == "mse":
+        options["grid"] = [min(methods.MSE_GRID), max(methods.MSE_GRID), len(methods.MSE_GRID)]
+    return options
+
+
+def _linear_record(key, src, options, block_size, device):
+    """Quantize one linear weight the way `options` says -> (manifest record, tensors to store)."""
+    stem = key.removesuffix(".weight")
+    precision = options["lm_head"] if key == options["head_key"] else "int4"
+    record = {"role": "linear", "shape": list(src.shape), "quant": precision}
+    if precision == "bf16":
+        record.update(dtype="bfloat16", keys=[key])
+        return record, {key: src.to(torch.bfloat16)}
+    if precision == "int8":
+        qweight, scales = int8.quantize(src.to(device), block_size)
+    else:
+        qweight, scales = methods.quantize_weight(src.to(device), options["method"], block_size)
+    record["keys"] = [f"{stem}.qweight", f"{stem}.scales"]
+    return record, {f"{stem}.qweight": qweight.cpu(), f"{stem}.scales": scales.cpu()}
+
+
 def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, block_size, device,
-                      shard_bytes, progress) -> dict:
+                      shard_bytes, progress, options) -> dict:
     files = _source_files(model_dir)
     names = {}
     for f in files:
@@ -139,6 +193,10 @@ def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, bloc
 
     writer = _ShardWriter(tmp, shard_bytes)
     tensors, t0 = {}, time.time()
+    # GPTQ needs each layer's activations: its int4 linears are quantized after this loop, layer by layer.
+    deferred = set()
+    if options["method"] == "gptq":
+        deferred = {k for k in linear_keys if not (k == options["head_key"] and options["lm_head"] != "int4")}
     jobs = [(k, names[k]) for k in names if k in wanted] + [(k, names[embed_key]) for k in tied]
     for key, f in tqdm(jobs, desc="quantizing", unit="tensor", disable=not progress):
         with safe_open(f, framework="pt") as sf:
@@ -147,12 +205,12 @@ def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, bloc
             raise OffloadError(f"{key}: shape {tuple(src.shape)} in {f.name} but the config wants {wanted[key]}")
         if src.dtype not in FLOAT_DTYPES:
             raise OffloadError(f"{key}: unsupported dtype {src.dtype} (bf16, fp16 or fp32 expected)")
+        if key in deferred:
+            del src
+            continue
         if key in linear_keys:
-            packed, scales = quant.quantize(src.to(device), block_size)
-            stem = key.removesuffix(".weight")
-            record = {"role": "linear", "shape": list(src.shape), "quant": "int4",
-                      "keys": [f"{stem}.qweight", f"{stem}.scales"]}
-            writer.add(record, {f"{stem}.qweight": packed.cpu(), f"{stem}.scales": scales.cpu()})
+            record, stored = _linear_record(key, src, options, block_size, device)
+            writer.add(record, stored)
         else:
             module = modules.get(key.rpartition(".")[0])
             record = {"role": _role(key, module), "shape": list(src.shape), "dtype": str(src.dtype).removeprefix("torch."),
@@ -160,12 +218,24 @@ def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, bloc
             writer.add(record, {key: src})
         tensors[key] = record
         del src
+    if deferred:
+        results = methods.gptq_model(model_dir, options["calibration_text"], deferred, block_size=block_size,
+                                     device=device, seq_len=options["seq_len"], damp=options["damp"],
+                                     progress=progress)
+        for key, packed, scales in results:
+            stem = key.removesuffix(".weight")
+            tensors[key] = {"role": "linear", "shape": list(wanted[key]), "quant": "int4",
+                            "keys": [f"{stem}.qweight", f"{stem}.scales"]}
+            writer.add(tensors[key], {f"{stem}.qweight": packed, f"{stem}.scales": scales})
     writer.flush()
     missing = sorted(set(wanted) - set(tensors))
     if missing:
         raise OffloadError(f"{model_dir} has no tensor for {missing[0]} ({len(missing)} missing)")
     return {"format": "offload-int4", "format_version": FORMAT_VERSION, "block_size": block_size,
-            "method": "absmax", "source_model": str(model_dir.resolve()),
+            "method": options["method"], "lm_head": options["lm_head"],
+            "method_options": {k: v for k, v in options.items() if k not in ("method", "lm_head", "head_key",
+                                                                               "calibration_text")},
+            "source_model": str(model_dir.resolve()),
             "model_type": config.model_type, "architectures": getattr(config, "architectures", None),
             "quantize_seconds": round(time.time() - t0, 2), "shards": writer.shards, "tensors": tensors}
 
@@ -177,6 +247,7 @@ class TensorInfo:
     shape: tuple
     shard: Path
     keys: list
+    quant: str | None = None  # linears: int4 (streamed through the cache), int8 or bf16 (resident)
 
 
 class WeightsDir:
@@ -204,12 +275,23 @@ class WeightsDir:
                 raise OffloadError(f"shard {f} is missing")
             if f.stat().st_size != size:
                 raise OffloadError(f"shard {f} is corrupt or truncated ({f.stat().st_size} bytes, manifest says {size})")
-        self.tensors = {name: TensorInfo(name, t["role"], tuple(t["shape"]), self.path / t["shard"], t["keys"])
+        self.tensors = {name: TensorInfo(name, t["role"], tuple(t["shape"]), self.path / t["shard"], t["keys"],
+                                         t.get("quant", "int4") if t["role"] == "linear" else None)
                         for name, t in tensors.items()}
+        for t in self.tensors.values():
+            if t.role == "linear" and t.quant not in LINEAR_QUANTS:
+                raise OffloadError(f"{manifest_path}: {t.name} has quant {t.quant!r}, this offload reads "
+                                   f"{', '.join(LINEAR_QUANTS)}")
 
     @property
     def linears(self) -> dict[str, TensorInfo]:
-        return {n: t for n, t in self.tensors.items() if t.role == "linear"}
+        """The int4 matrices: what the host store holds and the device cache streams."""
+        return {n: t for n, t in self.tensors.items() if t.role == "linear" and t.quant == "int4"}
+
+    @property
+    def resident_linears(self) -> dict[str, TensorInfo]:
+        """Linears stored as int8 or bf16 (the output projection): loaded to the device once, never streamed."""
+        return {n: t for n, t in self.tensors.items() if t.role == "linear" and t.quant != "int4"}
 
     def read(self, name: str) -> list[torch.Tensor]:
         """The stored tensors of `name`: [qweight, scales] for a linear, [tensor] otherwise."""
@@ -232,7 +314,7 @@ class WeightsDir:
     def check_config(self, model) -> None:
         """Fail if the manifest's tensors do not match the model built from the config."""
         linears = {f"{n}.weight": tuple(m.weight.shape) for n, m in linear_modules(model).items()}
-        stored = self.linears
+        stored = {**self.linears, **self.resident_linears}
         for key, shape in linears.items():
             if key not in stored:
                 raise OffloadError(f"manifest of {self.path} does not match the config: no quantized {key}")
@@ -245,4 +327,6 @@ class WeightsDir:
 
     def describe(self) -> str:
         sizes = [quant.quantized_nbytes(t.shape, self.block_size) for t in self.linears.values()]
-        return f"{len(sizes)} int4 matrices, {fmt_bytes(sum(a + b for a, b in sizes))}"
+        resident = "".join(f" + {n} {t.quant}" for n, t in self.resident_linears.items())
+        method = self.manifest.get("method", "absmax")
+        return f"{len(sizes)} int4 matrices ({method}), {fmt_bytes(sum(a + b for a, b in sizes))}{resident}"

@@ -1,0 +1,119 @@
+"""Pieces shared by the int4 kernels: nibble unpacking, interpreter switches, per-arch autotune plumbing.
+
+Weight format (the same bytes as the on-disk / host / device-cache format, no repacking):
+  packed  uint8 [N, Kp // 2]      byte j of a row: column 2j in the low nibble, 2j+1 in the high nibble,
+                                  each nibble = q + 8 with q in [-8, 7]
+  scales  bf16  [N, Kp // GROUP]  w[n, k] = q[n, k] * scales[n, k // GROUP]
+Kp is K rounded up to a multiple of GROUP; padded columns hold q = 0.
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# triton.jit decides between compiling and interpreting when a kernel is decorated, so this is
+# read once at import, the same moment (tests set it before importing anything).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Opt-in shared memory per block, bytes (CUDA programming guide, "compute capabilities").
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+# 2^23 as fp32 bits: OR-ing a nibble v (0..15) into the mantissa gives exactly 2^23 + v, so one
+# logic op and one subtract turn a nibble into q = v - 8 as fp32, without a slow int->float convert.
+_MAGIC_BITS = tl.constexpr(0x4B000000)
+_MAGIC_PLUS_8 = tl.constexpr(8388616.0)  # 2^23 + 8
+
+
+@triton.jit
+def unpack_nibbles_f32(b):
+    """uint8 tile -> (low, high): the signed nibble values q in [-8, 7] as exact fp32, same shape as b."""
+    b = b.to(tl.int32)
+    low = ((b & 0xF) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC_PLUS_8
+    high = ((b >> 4) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC_PLUS_8
+    return low, high
+
+
+def next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def bucket(v: int, lo: int = 1, hi: int = 1 << 20) -> int:
+    """Autotune key for a size: the next power of two, clamped; nearby shapes share one tuning run."""
+    return min(max(next_pow2(v), lo), hi)
+
+
+def dot_dtype(x_dtype: torch.dtype):
+    """(triton dtype of the tl.dot operands, input_precision) for activations of x_dtype.
+
+    The interpreter computes bf16/fp16 dots and arithmetic wrongly, so it always gets fp32; on a GPU
+    16-bit activations use tensor cores in their own dtype and fp32 activations use exact ("ieee")
+    fp32 products so fp32 outputs stay ~1e-6 close to the reference.
+    """
+    if INTERPRET or x_dtype == torch.float32:
+        return tl.float32, "ieee"
+    if x_dtype == torch.bfloat16:
+        return tl.bfloat16, "tf32"  # precision only matters for fp32 operands; tf32 is the default
+    if x_dtype == torch.float16:
+        return tl.float16, "tf32"
+    raise TypeError(f"unsupported activation dtype {x_dtype}")
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    return limit or SMEM_LIMIT.get(device_arch(index), 101376)
+
+
+def arch_family(arch: int) -> int:
+    """Which config list an arch uses: 90 for the big-shared-memory data-centre parts, else 80."""
+    return 90 if arch in (90, 100, 103) else 80
+
+
+def prune_by_smem(configs, limit, estimate):
+    """Configs whose estimated shared memory fits `limit`; never empty (the smallest one stays)."""
+    fits = [c for c in configs if estimate(c) <= limit]
+    return fits or [min(configs, key=estimate)]
+
+
+class PerArchAutotuner:
+    """One triton.autotune wrapper of `fn` per arch family, built on first use.
+
+    configs_for(family) gives the config list; prune(configs, smem_limit, named_args, kwargs)
+    drops those whose estimated shared memory exceeds the device's opt-in limit. Under the
+    interpreter there is a single config (autotune cannot benchmark there).
+    """
+
+    def __init__(self, fn, key, configs_for, prune, interpret_config):
+        self.fn, self.key, self.configs_for, self.prune = fn, key, configs_for, prune
+        self.interpret_config = interpret_config
+        self._tuned = {}
+
+    def for_device(self, device: torch.device):
+        if INTERPRET or device.type != "cuda":
+            family, limit = "interpret", SMEM_LIMIT[80]
+            configs = [self.interpret_config]
+        else:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            family, limit = arch_family(device_arch(index)), smem_limit(index)
+            configs = self.configs_for(family)
+        if (family, limit) not in self._tuned:
+            def early_prune(cfgs, named_args, **kwargs):
+                return self.prune(cfgs, limit, named_args, kwargs)
+
+            self._tuned[(family, limit)] = triton.autotune(
+                configs=configs, key=self.key, prune_configs_by={"early_config_prune": early_prune})(self.fn)
+        return self._tuned[(family, limit)]

@@ -1,0 +1,214 @@
+"""Fused int4 decode kernel: out = x @ W.T (+ bias) for M = 1..16 rows of activations.
+
+Shapes and dtypes:
+  x       bf16/fp16/fp32 [M, K]      M <= 16, unit stride along K
+  packed  uint8 [N, Kp // 2]          (see kernels/_common.py for the nibble layout)
+  scales  bf16  [N, Kp // GROUP]      GROUP a power of two >= 32
+  bias    any float [N] or None
+  out     x.dtype [M, N]
+  ws      fp32 [SPLIT, M, N]          split-K partial sums, only when SPLIT > 1
+
+Decode is memory-bound, so the kernel is built around reading each weight byte exactly once:
+all M rows live in one program (BLOCK_M >= M), each program walks whole scale blocks of its
+K range, multiplies the block's partial sums by the block's scale once, and accumulates in fp32.
+When there are too few N tiles to fill the GPU, the K range is split and fp32 partials go to a
+workspace that a second small kernel reduces (deterministic, no atomics).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import PerArchAutotuner, bucket, dot_dtype, next_pow2, prune_by_smem, sm_count, unpack_nibbles_f32
+
+MAX_M = 16
+# Rows at or below this use CUDA-core FMAs; above it tl.dot with BLOCK_M = 16. FMAs cost one
+# instruction per weight per row, so past a couple of rows the tensor cores win. Tune on a GPU.
+FMA_MAX_M = 2
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr,
+    M, N, K, n_groups, groups_per_split,
+    stride_xm, stride_wn, stride_sn, stride_om,
+    M_KEY, N_KEY, K_KEY,  # bucketed sizes, used only as the autotune key
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TO_WORKSPACE: tl.constexpr, STAGES: tl.constexpr,
+):
+    HALF: tl.constexpr = GROUP // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, HALF)
+    offs_c = tl.arange(0, GROUP)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    # The weight tile is addressed transposed, [HALF bytes, BLOCK_N rows], so it is already the
+    # [K, N] operand of the product and needs no shuffle; consecutive bytes of a row stay contiguous.
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_j[:, None]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :]
+    s_ptrs = s_ptr + offs_n.to(tl.int64) * stride_sn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    g_start = pid_k * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, n_groups)
+    # An explicit num_stages: Triton pipelines (cp.async) only loads that feed a tl.dot unless told.
+    for g in tl.range(g_start, g_end, num_stages=STAGES):
+        b = tl.load(w_ptrs + g * HALF, mask=n_mask[None, :], other=0)  # [HALF, BN] uint8
+        low, high = unpack_nibbles_f32(b)  # [HALF, BN] fp32: columns 2j and 2j+1 of the block
+        cols = g * GROUP + offs_c
+        x = tl.load(x_ptrs + g * GROUP, mask=m_mask[:, None] & (cols < K)[None, :], other=0.0)  # [BM, GROUP]
+        # Split x into even/odd columns (a register-local split of adjacent pairs) instead of
+        # interleaving the weights: x is the small operand.
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))  # [BM, HALF] each
+        if USE_DOT:
+            part = tl.dot(x_even.to(DOT_DTYPE), low.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            part = tl.dot(x_odd.to(DOT_DTYPE), high.to(DOT_DTYPE), part, input_precision=DOT_PRECISION)
+        else:
+            prod = x_even.to(tl.float32)[:, :, None] * low[None, :, :]
+            prod += x_odd.to(tl.float32)[:, :, None] * high[None, :, :]
+            part = tl.sum(prod, axis=1)  # [BM, BN]
+        s = tl.load(s_ptrs + g, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+        acc += part * s[None, :]  # the block's scale, once per block and output
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if TO_WORKSPACE:
+        ws_ptrs = ws_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptrs, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, SPLIT, stride_om,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """ws fp32 [SPLIT, M, N] -> out [M, N] = sum over SPLIT (+ bias), cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    m = offs // N
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _configs(family):
+    # (BLOCK_N, num_warps, num_stages). Each stage holds BLOCK_N * GROUP / 2 weight bytes in flight.
+    # Wide tiles on few warps suit only the tl.dot path; the FMA path drops them (fma_fits). No
+    # (32, 4, *) on sm_90: its tl.dot variant spilled 8 bytes there (python -m offload.kernels.aot).
+    if family == 90:
+        shapes = [(64, 4, 4), (64, 4, 6), (64, 8, 4), (128, 8, 4), (128, 4, 4), (256, 8, 3), (32, 2, 6)]
+    else:
+        shapes = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 8, 3), (128, 4, 3), (32, 2, 4)]
+    return [triton.Config({"BLOCK_N": bn, "STAGES": st}, num_warps=w, num_stages=st) for bn, w, st in shapes]
+
+
+def smem_estimate(config, group=128, block_m=16, x_bytes=2, use_dot=True):
+    """Bytes of shared memory, an upper bound: num_stages buffers of weight bytes, x and scales (the
+    pipeline keeps num_stages - 1), and for the FMA path the cross-thread reduction scratch (~2 KiB a warp)."""
+    bn, stages = config.kwargs["BLOCK_N"], config.num_stages
+    per_stage = bn * group // 2 + block_m * group * x_bytes + bn * 2
+    reduce_scratch = 0 if use_dot else 2048 * config.num_warps
+    return stages * per_stage + reduce_scratch
+
+
+# The FMA path materializes the [BLOCK_M, GROUP/2, BLOCK_N] product before reducing it. Compiled for
+# sm_86 and sm_90, 128 values per thread took 254 registers; 64 stayed at or below ~155.
+FMA_MAX_VALUES_PER_THREAD = 64
+
+
+def fma_fits(config, block_m, group):
+    return block_m * (group // 2) * config.kwargs["BLOCK_N"] <= FMA_MAX_VALUES_PER_THREAD * 32 * config.num_warps
+
+
+def _prune(configs, limit, named_args, kwargs):
+    block_m, group, use_dot = kwargs["BLOCK_M"], kwargs["GROUP"], kwargs["USE_DOT"]
+    if not use_dot:
+        configs = [c for c in configs if fma_fits(c, block_m, group)] or configs
+    x_bytes = named_args["x_ptr"].element_size()
+    return prune_by_smem(configs, limit, lambda c: smem_estimate(c, group, block_m, x_bytes, use_dot))
+
+
+_tuner = PerArchAutotuner(
+    _gemv_kernel, key=["M_KEY", "N_KEY", "K_KEY", "GROUP", "BLOCK_M"], configs_for=_configs, prune=_prune,
+    interpret_config=triton.Config({"BLOCK_N": 16, "STAGES": 1}, num_warps=4, num_stages=1))
+
+
+def supported_group(group: int) -> bool:
+    return group >= 32 and group & (group - 1) == 0
+
+
+def auto_split_k(n: int, n_groups: int, device: torch.device) -> int:
+    """Split K until there are ~4 programs per SM (counting 64-row tiles), at least 2 blocks per split."""
+    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
+    tiles = triton.cdiv(n, 64)
+    return max(1, min(triton.cdiv(4 * sms, tiles), n_groups // 2))
+
+
+def fused_gemv(x, packed, scales, in_features, bias=None, out=None, split_k=None):
+    """Fused decode: x [M<=16, K] @ dequant(packed, scales).T (+ bias) -> out [M, N] in x.dtype.
+
+    split_k (None: chosen from N and the SM count) splits the scale blocks of K across programs.
+    """
+    m, k = x.shape
+    n, n_groups = packed.shape[0], scales.shape[1]
+    group = 2 * packed.shape[1] // n_groups
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"gemv handles 1..{MAX_M} rows, got {m}")
+    if k != in_features or x.stride(1) != 1 or packed.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError("x must be [M, in_features]; x, packed and scales contiguous along K")
+    if not supported_group(group) or n_groups * group < k:
+        raise ValueError(f"unsupported block size {group} for K={k}")
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
+        raise ValueError(f"out must be {x.dtype} [{m}, {n}] with unit column stride")
+
+    split = split_k or auto_split_k(n, n_groups, x.device)
+    groups_per_split = triton.cdiv(n_groups, max(1, min(split, n_groups)))
+    split = triton.cdiv(n_groups, groups_per_split)  # no empty splits
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    use_dot = m > FMA_MAX_M
+    dtype, precision = dot_dtype(x.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), split)
+
+    _tuner.for_device(x.device)[grid](
+        x, packed, scales, bias if bias is not None else out, out, ws,
+        m, n, k, n_groups, groups_per_split,
+        x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+        bucket(m), bucket(n), bucket(k),
+        GROUP=group, BLOCK_M=16 if use_dot else next_pow2(m), USE_DOT=use_dot,
+        DOT_DTYPE=dtype, DOT_PRECISION=precision, HAS_BIAS=bias is not None, TO_WORKSPACE=split > 1)
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws, bias if bias is not None else out, out, m, n, split, out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def gemv_ref(x, packed, scales, in_features, bias=None):
+    """Pure torch, the kernel's arithmetic: per scale block, fp32 (x_block @ q_block.T) * scale, summed."""
+    n, n_groups = packed.shape[0], scales.shape[1]
+    low = (packed & 0x0F).to(torch.int16) - 8
+    high = (packed >> 4).to(torch.int16) - 8
+    q = torch.stack((low, high), dim=-1).reshape(n, -1).float()  # [N, Kp]
+    kp = q.shape[1]
+    xf = torch.nn.functional.pad(x.float(), (0, kp - in_features))  # [M, Kp]
+    parts = torch.einsum("mgc,ngc->gmn", xf.view(x.shape[0], n_groups, -1), q.view(n, n_groups, -1))
+    out = (parts * scales.float().t()[:, None, :]).sum(0)  # [M, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

@@ -1,0 +1,168 @@
+"""offload-eval: what the quantized weights cost in accuracy, measured on a plain text.
+
+The offloaded engine and the unquantized HF model score the same token windows: perplexity of both,
+its relative change, top-1 next-token agreement and the mean KL divergence KL(reference || offload)
+of the next-token distributions. The reference is read from model/ one decoder layer at a time
+(`offload.layerwise`), so it never needs the full-precision model in memory at once.
+
+Long texts are cut into windows of `max_tokens` (sliding, as in the Hugging Face perplexity guide):
+a window starts every `stride` tokens, the last one ends at the end of the text, and each window
+scores only the tokens no earlier window scored, so every token is scored once with at least
+`max_tokens - stride` tokens of context (except in the first window).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import OffloadError
+from .layerwise import LayerwiseModel, SourceModel
+
+DEFAULT_MAX_TOKENS = 1024
+
+
+def windows(n_tokens: int, max_tokens: int, stride: int) -> list[tuple[int, int]]:
+    """(begin, first scored token) of each window; window w covers tokens [begin, begin + max_tokens).
+
+    Token t >= 1 is scored once, in the first window that contains it, predicted at window position t - begin - 1.
+    """
+    if n_tokens < max_tokens:
+        raise OffloadError(f"the text has {n_tokens} tokens, fewer than one window of {max_tokens}: "
+                           "use a longer text or a smaller --max-tokens")
+    begins = list(range(0, n_tokens - max_tokens + 1, stride))
+    if begins[-1] != n_tokens - max_tokens:
+        begins.append(n_tokens - max_tokens)  # a last full-length window that ends at the end of the text
+    out, prev_end = [], 1  # token 0 has nothing before it to predict it
+    for begin in begins:
+        out.append((begin, prev_end))
+        prev_end = begin + max_tokens
+    return out
+
+
+def _tokenize(model_dir: Path, weights_dir: Path, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+    tok_dir = next((d for d in (model_dir, weights_dir) if (d / "tokenizer_config.json").exists()), None)
+    if tok_dir is None:
+        raise OffloadError(f"no tokenizer in {model_dir} or {weights_dir}: offload-eval needs one to read text")
+    return AutoTokenizer.from_pretrained(tok_dir)(text, add_special_tokens=False)["input_ids"]
+
+
+def _check_window(max_tokens: int, stride: int, config) -> None:
+    if max_tokens < 2:
+        raise OffloadError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if not 1 <= stride <= max_tokens:
+        raise OffloadError(f"--stride must be between 1 and --max-tokens ({max_tokens}), got {stride}")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_tokens > limit:
+        raise OffloadError(f"--max-tokens {max_tokens} is longer than the model's context ({limit} tokens)")
+
+
+@torch.no_grad()
+def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, stride=None, device=None,
+             dtype=None, cache="auto", policy="pin", progress=True) -> dict:
+    """Score `text` (a str, or a Path to a UTF-8 text file) with the offloaded model and the unquantized one.
+
+    max_tokens: window length (at most the model's context); stride: tokens between window starts
+    (default max_tokens // 2). device/dtype as in `offload.load` (None: cuda + bfloat16 when
+    available, else cpu + float32, the exact reference compute). cache/policy go to `offload.load`.
+    Returns a dict: ppl, reference_ppl, ppl_change (relative), top1_agreement, kl_mean (nats per
+    token), tokens, scored_tokens, windows, and the settings.
+    """
+    from .engine import _resolve_device, _resolve_dtype, load
+    t0 = time.perf_counter()
+    model_dir, weights_dir = Path(model_dir), Path(weights_dir)
+    if isinstance(text, Path):
+        text = text.read_text(encoding="utf-8")
+    stride = max_tokens // 2 if stride is None else stride
+    source = SourceModel(model_dir)
+    _check_window(max_tokens, stride, source.config)
+    ids = torch.tensor(_tokenize(model_dir, weights_dir, text))  # [T]
+    spans = windows(len(ids), max_tokens, stride)
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+
+    # The reference first, layer by layer: the last layer's output of every window [1, L, H] is all it keeps.
+    reference = LayerwiseModel(source, device, dtype)
+    inputs = [ids[b:b + max_tokens][None] for b, _ in spans]  # W x [1, L]
+    hidden = [reference.embed(x) for x in inputs]
+    for i, layer in tqdm(reference.layers(), total=len(reference.decoder_layers), desc="reference",
+                         unit="layer", disable=not progress):
+        hidden = [reference.run_layer(i, layer, h) for h in hidden]
+
+    totals = {"nll": 0.0, "reference_nll": 0.0, "kl": 0.0, "agree": 0, "scored": 0}
+    with load(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype,
+              progress=False) as engine:
+        manifest = engine.weights.manifest
+        for (begin, first), x, h in tqdm(list(zip(spans, inputs, hidden)), desc="offload", unit="window",
+                                         disable=not progress):
+            rows = slice(first - begin - 1, max_tokens - 1)  # positions predicting the scored tokens
+            targets = x[0, first - begin:].to(device)  # [S]
+            logp = torch.log_softmax(engine.model(input_ids=x.to(device), use_cache=False).logits[0, rows].float(), -1)
+            ref = torch.log_softmax(reference.logits(x, h)[0, rows].float(), -1)  # [S, V]
+            totals["nll"] -= logp.gather(1, targets[:, None]).sum().item()
+            totals["reference_nll"] -= ref.gather(1, targets[:, None]).sum().item()
+            totals["kl"] += (ref.exp() * (ref - logp)).sum().item()
+            totals["agree"] += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
+            totals["scored"] += len(targets)
+    n = totals["scored"]
+    ppl, ref_ppl = float(torch.tensor(totals["nll"] / n).exp()), float(torch.tensor(totals["reference_nll"] / n).exp())
+    return {
+        "model_dir": str(model_dir), "weights_dir": str(weights_dir),
+        "method": manifest.get("method", "absmax"), "lm_head": manifest.get("lm_head", "int4"),
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "max_tokens": max_tokens, "stride": stride, "tokens": len(ids), "windows": len(spans), "scored_tokens": n,
+        "ppl": ppl, "reference_ppl": ref_ppl, "ppl_change": ppl / ref_ppl - 1.0,
+        "top1_agreement": totals["agree"] / n, "kl_mean": totals["kl"] / n,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def summary(r: dict) -> str:
+    """The result of `evaluate` in three lines."""
+    return "\n".join([
+        f"{r['tokens']} tokens in {r['windows']} windows of {r['max_tokens']} (stride {r['stride']}), "
+        f"{r['scored_tokens']} scored; {r['device']} {r['dtype']}; weights: {r['method']}, lm_head {r['lm_head']}",
+        f"perplexity:      reference {r['reference_ppl']:.4f}, offload {r['ppl']:.4f} ({100 * r['ppl_change']:+.2f}%)",
+        f"top-1 agreement: {100 * r['top1_agreement']:.2f}%, mean KL {r['kl_mean']:.5f} nats/token",
+    ])
+
+
+def main(argv=None) -> int:
+    """The `offload-eval` console script."""
+    from .cli import _run_guarded
+    p = argparse.ArgumentParser(prog="offload-eval", description="Perplexity, top-1 agreement and KL divergence "
+                                "of the offloaded model against the unquantized HF model on a text.")
+    p.add_argument("model_dir", help="the unquantized HF model dir (config.json + *.safetensors)")
+    p.add_argument("weights_dir", help="weights dir made by offload-quantize from it")
+    p.add_argument("--text", required=True, metavar="FILE", help="plain UTF-8 text to score")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"tokens per window (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default max-tokens/2)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--cache", default="auto", help="device cache budget, as in offload-run (default auto)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return _run_guarded("offload-eval", _eval, p.parse_args(argv))
+
+
+def _eval(args) -> int:
+    path = Path(args.text)
+    if not path.is_file():
+        raise OffloadError(f"text file {path} does not exist")
+    result = evaluate(args.model_dir, args.weights_dir, path.read_text(encoding="utf-8"), max_tokens=args.max_tokens,
+                      stride=args.stride, device=args.device, dtype=args.dtype, cache=args.cache,
+                      progress=not args.no_progress)
+    print(summary(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""int8: the second weight format, for the output projection (`offload-quantize --lm-head int8`).
+
+Symmetric int8 in [-127, 127], one bf16 scale = absmax / 127 per block of 128 consecutive elements
+along the input dimension (the int4 blocks, with 8 bits). A weight W[N, K] (K zero-padded to Kp,
+a multiple of the block) is stored as
+  qweight  int8 [N, Kp]
+  scales   bf16 [N, Kp / block]      w ~= q * scale
+An int8 (and a `--lm-head bf16`) output projection is not streamed through the cache: it stays
+resident on the device in an `Int8Linear` (an unquantized one in a plain nn.Linear), whose compute
+path is this module's reference dequantize + F.linear on every device.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import quant
+
+QMAX8 = 127
+
+
+def quantize(w: torch.Tensor, block_size: int = quant.BLOCK_SIZE):
+    """[N, K] float -> (qweight int8 [N, Kp], scales bf16 [N, Kp / block]); rounded with the stored bf16 scale."""
+    n, k = w.shape
+    kp = quant.padded_k(k, block_size)
+    wb = F.pad(w.float(), (0, kp - k)).view(n, kp // block_size, block_size)
+    scales = (wb.abs().amax(dim=-1) / QMAX8).to(torch.bfloat16)
+    s = scales.float().unsqueeze(-1)
+    q = torch.where(s > 0, torch.round(wb / torch.where(s > 0, s, 1.0)), 0.0).clamp_(-QMAX8, QMAX8)
+    return q.to(torch.int8).view(n, kp), scales
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
+    """Reference: (qweight int8 [N, Kp], scales [N, Kp / block]) -> dtype [N, K] with K = shape[1]."""
+    n, k = shape
+    kp = qweight.shape[1]
+    block = kp // scales.shape[1]
+    w = qweight.view(n, kp // block, block).float() * scales.float().unsqueeze(-1)
+    return w.view(n, kp)[:, :k].to(dtype)
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight kept on the device; dequantizes per call (the output projection runs once a token)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, block_size: int = quant.BLOCK_SIZE):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        kp = quant.padded_k(in_features, block_size)
+        # Filled by load_state_dict(assign=True) from the weights dir; meta until then.
+        self.qweight = nn.Parameter(torch.empty(out_features, kp, dtype=torch.int8, device="meta"), requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(out_features, kp // block_size, device="meta"), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
+        w = dequantize(self.qweight, self.scales, (self.out_features, self.in_features), x.dtype)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def swap_int8_linears(model: nn.Module, keys, block_size: int = quant.BLOCK_SIZE) -> None:
+    """Replace the nn.Linear named in `keys` (weight names 'a.b.weight') with Int8Linear."""
+    for key in keys:
+        parent_name, _, child = key.removesuffix(".weight").rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        setattr(parent, child, Int8Linear(old.in_features, old.out_features, old.bias is not None, block_size))
