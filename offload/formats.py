@@ -61,7 +61,7 @@ class CpuInt4Format(Int4Format):
     """int4 on cpu with bf16 activations: the slot holds PyTorch's CPU int4 layout, repacked on copy-in."""
 
     def slot_nbytes(self, entry) -> int:
-        return _cpu_int4().repacked_nbytes(*entry.shape)
+        return _cpu_int4().repacked_nbytes(*entry.shape, self.block_size)
 
     def materialize(self, raw: torch.Tensor, entry):
         packed, scales = entry.views(raw, self.block_size)

@@ -43,6 +43,7 @@ class Prefetcher:
         self.pos = -1  # index in `order` of the entry the compute thread uses now
         self.demand = None  # an entry the compute thread is blocked on
         self.waits = 0  # accesses that found their copy not yet issued
+        self.room_wait = False  # the thread waits for a slot to be released (else nothing to wake it for)
         self.thread = None
         self.error = None
         self.closed = False
@@ -74,6 +75,8 @@ class Prefetcher:
                 self.order.append(key)
             else:
                 self._advance(key)
+                if self.room_wait:
+                    self.cond.notify_all()  # the entry used now can be evicted once released
             slot = self.slots.get(key)
             if self.thread is None:
                 if slot is None:
@@ -100,7 +103,8 @@ class Prefetcher:
             slot.consumed.record(torch.cuda.current_stream(self.device))
         with self.cond:
             slot.in_use -= 1
-            self.cond.notify_all()
+            if self.room_wait:
+                self.cond.notify_all()
 
     def _advance(self, key: str) -> None:
         n = len(self.order)
@@ -158,6 +162,7 @@ class Prefetcher:
         """(key, victims) of the next entry to copy, or None if nothing can be done now."""
         if self.closed:
             return None
+        self.room_wait = False
         protected = {k for k, s in self.slots.items() if s.in_use or s.pending or s.loading}
         if self.demand is not None and self.demand not in self.slots:
             victims = self.cache.victims(self.demand, protected)
@@ -166,6 +171,7 @@ class Prefetcher:
                 for slot in self.slots.values():
                     slot.pending = False
                 victims = self.cache.victims(self.demand, {k for k, s in self.slots.items() if s.in_use or s.loading})
+            self.room_wait = victims is None
             return None if victims is None else (self.demand, victims)
         n = len(self.order)
         for i in range(self.pos + 1, self.pos + 1 + n):
@@ -176,8 +182,9 @@ class Prefetcher:
                 protected.add(key)
                 continue
             victims = self.cache.victims(key, protected)
+            self.room_wait = victims is None
             return None if victims is None else (key, victims)
-        return None
+        return None  # the whole cycle is resident: nothing to do until an access leaves the order
 
     # ---- both threads, under the lock except _fill ----
     def _reserve(self, key: str, victims: list[str]) -> Slot:

@@ -1,0 +1,102 @@
+"""CPU decode speed, side by side in one run: the plain HF model (float32 and bfloat16) against the
+offloaded engine on its fast int4 path (bfloat16) at full and quarter cache, and on the exact float32
+reference path. Greedy decoding of the demo model (SmolLM2-135M-Instruct) unless --model is given.
+
+    python benchmarks/bench_cpu.py [--model DIR --weights DIR] [--new-tokens 64] [--reps 3]
+
+Prints a table (decode tokens/s and the ratio to plain float32) and writes
+benchmarks/results/cpu-<model>-decode.csv.
+"""
+import argparse
+import csv
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import offload
+from offload import demo
+
+PROMPT = "What is the capital of France?"
+
+
+def decode_tokens_per_s(model, ids, new_tokens: int) -> float:
+    """Greedy decode of `new_tokens` tokens; tokens/s over the decode forwards only (prefill excluded)."""
+    times = []
+
+    def before(*_):
+        times.append(time.perf_counter())
+
+    def after(*_):
+        times[-1] = time.perf_counter() - times[-1]
+
+    hooks = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    try:
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None)
+    finally:
+        for h in hooks:
+            h.remove()
+    decode = times[1:]  # the first forward is the prefill
+    return len(decode) / sum(decode)
+
+
+def median_speed(model, ids, new_tokens, reps) -> float:
+    decode_tokens_per_s(model, ids, 4)  # warm-up: caches, allocator, the order recording pass
+    return statistics.median(decode_tokens_per_s(model, ids, new_tokens) for _ in range(reps))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="HF model dir (default: the demo model)")
+    p.add_argument("--weights", help="weights dir (default: the demo model's)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=None, help="CSV path")
+    args = p.parse_args(argv)
+    model_dir, weights_dir = (args.model, args.weights) if args.model else demo.prepare()
+    name = Path(model_dir).parent.name if not args.model else Path(model_dir).name
+    threads = torch.get_num_threads()
+    machine = f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}"
+
+    rows = []
+    with offload.load(model_dir, weights_dir, cache="full", device="cpu", dtype=torch.bfloat16, progress=False) as e:
+        ids = e.encode(PROMPT, chat=True)["input_ids"]
+
+    def add(config, tok_s, extra=""):
+        rows.append({"machine": machine, "model": name, "config": config, "batch": 1, "prompt_tokens": ids.shape[1],
+                     "new_tokens": args.new_tokens, "decode_tokens_per_s": round(tok_s, 2), "note": extra})
+        base = rows[0]["decode_tokens_per_s"]
+        print(f"{config:<40} {tok_s:8.2f} tok/s   {tok_s / base:5.2f}x plain fp32  {extra}", flush=True)
+
+    print(f"{name} on {machine}: batch 1, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, "
+          f"median of {args.reps}", flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        add(f"plain HF {str(dtype)[6:]}", median_speed(plain, ids, args.new_tokens, args.reps))
+        del plain
+    for dtype, cache in ((torch.bfloat16, "full"), (torch.bfloat16, "25%"), (torch.float32, "full")):
+        with offload.load(model_dir, weights_dir, cache=cache, device="cpu", dtype=dtype, progress=False) as e:
+            speed = median_speed(e.model, ids, args.new_tokens, args.reps)
+            s = e.stats
+            path = "int4 kernel" if dtype == torch.bfloat16 else "reference dequant"
+            add(f"offload {str(dtype)[6:]} cache {cache} ({path})", speed,
+                f"{s['h2d_bytes_per_token'] / 1e6:.1f} MB copied/token")
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"cpu-{name}-decode.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
