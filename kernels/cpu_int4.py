@@ -170,8 +170,7 @@ def repack_for_cpu(packed: torch.Tensor, scales: torch.Tensor, in_features: int)
         _warn_fallback(reason)
         return CpuInt4Weight(None, None, block, in_features, n, packed.contiguous(), scales.contiguous())
 
-    kc, np_ = _round_up(in_features, _K_ALIGN), _round_up(n, _N_ALIGN)
-    group = next(g for g in _GROUP_SIZES if block % g == 0 and kc % g == 0)
+    np_, kc, group = geometry(n, in_features, block)
     body = F.pad(packed[:, : kc // 2], (0, 0, 0, np_ - n), value=_PACKED_ZERO)  # uint8 [Np, Kc/2]
     bn = _layout()
     int4pack = _pack_halves(body, bn) if bn is not None else _pack_with_op(body)
@@ -181,13 +180,18 @@ def repack_for_cpu(packed: torch.Tensor, scales: torch.Tensor, in_features: int)
     return CpuInt4Weight(int4pack, scales_and_zeros, group, in_features, n)
 
 
+def geometry(out_features: int, in_features: int, block: int = 128) -> tuple[int, int, int]:
+    """(Np, Kc, group) of the fast-path tensors `repack_for_cpu` makes for an [N, K] weight."""
+    kc, np_ = _round_up(in_features, _K_ALIGN), _round_up(out_features, _N_ALIGN)
+    return np_, kc, next(g for g in _GROUP_SIZES if block % g == 0 and kc % g == 0)
+
+
 def repacked_nbytes(out_features: int, in_features: int, block: int = 128) -> int:
     """Bytes `repack_for_cpu` will hold for an [N, K] weight (what a cache slot must budget)."""
     if not cpu_int4_available() or block % _K_ALIGN:
         kp = _round_up(in_features, block)
         return out_features * kp // 2 + out_features * (kp // block) * 2
-    kc, np_ = _round_up(in_features, _K_ALIGN), _round_up(out_features, _N_ALIGN)
-    group = next(g for g in _GROUP_SIZES if block % g == 0 and kc % g == 0)
+    np_, kc, group = geometry(out_features, in_features, block)
     return np_ * kc // 2 + (kc // group) * np_ * 2 * 2
 
 
@@ -199,7 +203,8 @@ def _scratch_view(shape: tuple[int, int]) -> torch.Tensor:
     global _scratch
     numel = shape[0] * shape[1]
     if _scratch.numel() < numel:
-        _scratch = torch.empty(numel)
+        with torch.inference_mode(False):  # a normal tensor: writable both inside and outside inference mode
+            _scratch = torch.empty(numel)
     return _scratch[:numel].view(shape)
 
 

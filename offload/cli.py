@@ -35,7 +35,7 @@ def quantize_main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=128, help="elements per scale (default 128)")
     p.add_argument("--shard-size", default="1GiB", help="output shard size (default 1GiB)")
     p.add_argument("--method", choices=("absmax", "mse", "gptq"), default=None,
-                   help="how scales and int4 values are chosen (default: %(default_method)s; see benchmarks/README.md)")
+                   help="how scales and int4 values are chosen (default: absmax; measured in benchmarks/README.md)")
     p.add_argument("--calibration", metavar="FILE", help="plain text whose activations drive --method gptq")
     p.add_argument("--lm-head", choices=("int4", "int8", "bf16"), default="int4",
                    help="precision of the output projection; int8 and bf16 stay resident on the device (default int4)")
@@ -67,12 +67,14 @@ def run_main(argv=None) -> int:
     p.add_argument("--demo", action="store_true", help="prepare and run the built-in SmolLM2-135M-Instruct demo")
     p.add_argument("--prompt", help="prompt text (without it, --chat reads turns from stdin)")
     p.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, an interactive chat")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (64 for --demo)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="bfloat16 (default: the fast int4 kernels, on cpu too) | float16 | float32 (on cpu: the exact "
+                        "torch reference path, slow)")
     p.add_argument("--cache", default="auto",
                    help="auto | full | N entries | size (12GiB, 500MiB) | share (25%%) (default auto)")
     p.add_argument("--policy", default="pin", help="pin (default) or lru")
@@ -88,6 +90,8 @@ def run_main(argv=None) -> int:
         args.cache = "25%" if args.cache == "auto" else args.cache
     elif not args.model_dir:
         p.error("give model_dir and weights_dir, or --demo")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 64 if args.demo else 256
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
     if not args.prompt and not args.chat:

@@ -12,6 +12,7 @@ from .cache import DeviceCache, parse_budget
 from .errors import OffloadError
 from .formats import make_format
 from .host import HostStore, check_ram
+from .int8 import swap_int8_linears
 from .modules import empty_model, linear_modules, swap_linears
 from .prefetch import Prefetcher
 from .store import WeightsDir
@@ -81,13 +82,15 @@ class Engine:
             attn = "flash_attention_2"
         model = empty_model(self.config, self.dtype, attn)
         self.weights.check_config(model)
-        small = {n: t for n, t in self.weights.tensors.items() if t.role != "linear"}
+        # everything the cache does not stream: embeddings, norms, biases, an int8 or bf16 lm_head
+        small = {n: t for n, t in self.weights.tensors.items() if n not in self.weights.linears}
         check_ram(sum(torch.Size(t.shape).numel() for t in small.values()) * 4, "the unquantized tensors")
 
         # registration order: usually the execution order, so the plan made now rarely changes
         # once the first forward has recorded the real one
-        order = [f"{name}.weight" for name in linear_modules(model)]
-        self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress)
+        order = [f"{name}.weight" for name in linear_modules(model) if f"{name}.weight" in self.weights.linears]
+        self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress,
+                                            repack=self.fmt if hasattr(self.fmt, "write_host") else None)
         sizes = {k: self.fmt.slot_nbytes(e) for k, e in self.store.entries.items()}
         budget = parse_budget(cache, sizes, self._auto_budget(sizes) if self.device.type == "cuda" else None)
         self.cache = DeviceCache(sizes, budget, policy)
@@ -96,6 +99,8 @@ class Engine:
         atexit.register(self.close)  # stop the thread and unpin host memory before the interpreter goes
 
         swap_linears(model, self.weights.linears, self.prefetcher)
+        swap_int8_linears(model, [n for n, t in small.items() if getattr(t, "quant", None) == "int8"],
+                          self.weights.block_size)
         self._load_small(model, small)
         model.eval()
         side_dirs = [d for d in (config_dir, self.weights.path) if d is not None]
@@ -124,7 +129,7 @@ class Engine:
         free, _total = torch.cuda.mem_get_info(self.device)
         if self.device_memory is not None:  # an emulated smaller card
             free = min(free, self.device_memory - torch.cuda.memory_reserved(self.device))
-        small = sum(torch.Size(t.shape).numel() for t in self.weights.tensors.values() if t.role != "linear")
+        small = sum(torch.Size(t.shape).numel() for n, t in self.weights.tensors.items() if n not in self.weights.linears)
         reserve = (small * torch.finfo(self.dtype).bits // 8
                    + KV_RESERVE_TOKENS * _kv_bytes_per_token(self.config, self.dtype)
                    + 2 * max(n * k * 2 for n, k in (e.shape for e in self.store.entries.values()))
@@ -136,8 +141,9 @@ class Engine:
 
     def _load_small(self, model, small) -> None:
         state = {}
-        for name, (tensor,) in self.weights.iter_read(small):
-            state[name] = tensor.to(self.device, self.dtype if tensor.is_floating_point() else tensor.dtype)
+        for name, tensors in self.weights.iter_read(small):
+            for key, tensor in zip(self.weights.tensors[name].keys, tensors):  # int8: qweight + scales
+                state[key] = tensor.to(self.device, self.dtype if tensor.is_floating_point() else tensor.dtype)
         model.load_state_dict(state, strict=False, assign=True)
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
             if p.is_meta:
@@ -198,6 +204,7 @@ class Engine:
             "streamed_bytes_per_token": sum(e.nbytes for k, e in entries.items() if k not in self.cache.pinned)
             if self.cache.policy == "pin" else None,
             "model_bytes": sum(e.nbytes for e in entries.values()), "host_bytes": self.store.nbytes,
+            "cache_model_bytes": self.cache.model_bytes,  # the whole model in the cache format's bytes
             "host_pinned": self.store.pinned,
             "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if cuda
             else self.cache.peak_bytes + self._small_bytes,

@@ -8,7 +8,8 @@ of the next-token distributions. The reference is read from model/ one decoder l
 Long texts are cut into windows of `max_tokens` (sliding, as in the Hugging Face perplexity guide):
 a window starts every `stride` tokens, the last one ends at the end of the text, and each window
 scores only the tokens no earlier window scored, so every token is scored once with at least
-`max_tokens - stride` tokens of context (except in the first window).
+`max_tokens - stride` tokens of context (except in the first window). With stride = max_tokens the
+windows do not overlap and, as in the guide, the first token of each window is not scored.
 """
 import argparse
 import json
@@ -28,7 +29,7 @@ DEFAULT_MAX_TOKENS = 1024
 def windows(n_tokens: int, max_tokens: int, stride: int) -> list[tuple[int, int]]:
     """(begin, first scored token) of each window; window w covers tokens [begin, begin + max_tokens).
 
-    Token t >= 1 is scored once, in the first window that contains it, predicted at window position t - begin - 1.
+    Token t is scored once, in the first window that has a token before it, predicted at window position t - begin - 1.
     """
     if n_tokens < max_tokens:
         raise OffloadError(f"the text has {n_tokens} tokens, fewer than one window of {max_tokens}: "
@@ -38,7 +39,7 @@ def windows(n_tokens: int, max_tokens: int, stride: int) -> list[tuple[int, int]
         begins.append(n_tokens - max_tokens)  # a last full-length window that ends at the end of the text
     out, prev_end = [], 1  # token 0 has nothing before it to predict it
     for begin in begins:
-        out.append((begin, prev_end))
+        out.append((begin, max(prev_end, begin + 1)))
         prev_end = begin + max_tokens
     return out
 

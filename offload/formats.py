@@ -58,14 +58,33 @@ class Int4Format:
 
 
 class CpuInt4Format(Int4Format):
-    """int4 on cpu with bf16 activations: the slot holds PyTorch's CPU int4 layout, repacked on copy-in."""
+    """int4 on cpu with bf16 activations: PyTorch's CPU int4 kernel.
 
-    def slot_nbytes(self, entry) -> int:
-        return _cpu_int4().repacked_nbytes(*entry.shape, self.block_size)
+    Its layout is repacked once at load, in the host store (the on-disk format is unchanged): a slot is
+    then a plain copy, where repacking on every copy-in would cost ~5x the matmul of a streamed matrix.
+    Host bytes of an entry: [int4pack uint8 [Np, Kc/2] | pad | scales_and_zeros bf16 [Kc/group, Np, 2]].
+    """
+
+    def _geometry(self, shape):
+        np_, kc, group = _cpu_int4().geometry(*shape, self.block_size)
+        scales_offset = -(-np_ * kc // 2 // 256) * 256
+        return np_, kc, group, scales_offset
+
+    def host_nbytes(self, shape) -> int:
+        np_, kc, group, scales_offset = self._geometry(shape)
+        return scales_offset + (kc // group) * np_ * 4
+
+    def write_host(self, raw: torch.Tensor, packed, scales, shape) -> None:
+        w = _cpu_int4().repack_for_cpu(packed, scales, shape[1])
+        np_, kc, group, scales_offset = self._geometry(shape)
+        raw[: w.int4pack.numel()].copy_(w.int4pack.view(-1))
+        raw[scales_offset:].view(torch.bfloat16).copy_(w.scales_and_zeros.view(-1))
 
     def materialize(self, raw: torch.Tensor, entry):
-        packed, scales = entry.views(raw, self.block_size)
-        return _cpu_int4().repack_for_cpu(packed, scales, entry.shape[1])
+        np_, kc, group, scales_offset = self._geometry(entry.shape)
+        int4pack = raw[: np_ * kc // 2].view(np_, kc // 2)
+        scales_and_zeros = raw[scales_offset:].view(torch.bfloat16).view(kc // group, np_, 2)
+        return _cpu_int4().CpuInt4Weight(int4pack, scales_and_zeros, group, entry.shape[1], entry.shape[0])
 
     def linear(self, x: torch.Tensor, data, bias) -> torch.Tensor:
         return _cpu_int4().cpu_int4_linear(x, data, bias)
@@ -97,7 +116,7 @@ def make_format(name: str, block_size: int, device: torch.device, dtype: torch.d
         raise OffloadError(f"unknown cache format {name!r} (choose from {', '.join(FORMATS)})")
     if name == "bf16":
         return Bf16Format(block_size, device, dtype)
-    if device.type == "cpu" and dtype == torch.bfloat16 and not force_triton():
+    if device.type == "cpu" and dtype == torch.bfloat16 and not force_triton() and block_size % 32 == 0:
         if _cpu_int4().cpu_int4_available():
             return CpuInt4Format(block_size, device, dtype)
     return Int4Format(block_size, device, dtype)

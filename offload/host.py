@@ -45,12 +45,20 @@ class Entry:
         return packed, scales
 
 
-def layout(shapes: dict[str, tuple], block_size: int) -> tuple[dict[str, Entry], int]:
+def int4_entry(key: str, shape: tuple, offset: int, block_size: int) -> Entry:
+    packed, scales = quant.quantized_nbytes(shape, block_size)
+    return Entry(key, tuple(shape), offset, packed, _align(packed), scales)
+
+
+def layout(shapes: dict[str, tuple], block_size: int, host_nbytes=None) -> tuple[dict[str, Entry], int]:
+    """Place each entry; `host_nbytes(shape)` sizes a format's own host layout (default: int4 as stored)."""
     entries, offset = {}, 0
     for key, shape in shapes.items():
-        packed, scales = quant.quantized_nbytes(shape, block_size)
-        entries[key] = Entry(key, tuple(shape), offset, packed, _align(packed), scales)
-        offset = _align(offset + entries[key].nbytes)
+        entry = int4_entry(key, shape, offset, block_size)
+        if host_nbytes is not None:  # a repacked layout: one opaque byte range the format reads
+            entry = Entry(key, tuple(shape), offset, host_nbytes(shape), host_nbytes(shape), 0)
+        entries[key] = entry
+        offset = _align(offset + entry.nbytes)
     return entries, offset
 
 
@@ -64,9 +72,9 @@ def check_ram(need: int, what: str) -> None:
 class HostStore:
     """All int4 matrices of a model in ONE host buffer (page-locked when `pin`)."""
 
-    def __init__(self, shapes: dict[str, tuple], block_size: int, pin: bool):
+    def __init__(self, shapes: dict[str, tuple], block_size: int, pin: bool, host_nbytes=None):
         self.block_size = block_size
-        self.entries, self.nbytes = layout(shapes, block_size)
+        self.entries, self.nbytes = layout(shapes, block_size, host_nbytes)
         check_ram(self.nbytes, "the int4 weights")
         self.buffer = torch.empty(self.nbytes, dtype=torch.uint8)
         self.pinned = False
@@ -74,19 +82,29 @@ class HostStore:
             self._register()
 
     @classmethod
-    def from_weights(cls, weights, order, pin: bool, progress=True) -> "HostStore":
-        """Fill the store from a WeightsDir, one tensor at a time, laid out in `order`."""
-        store = cls({k: weights.tensors[k].shape for k in order}, weights.block_size, pin=False)
+    def from_weights(cls, weights, order, pin: bool, progress=True, repack=None) -> "HostStore":
+        """Fill the store from a WeightsDir, one tensor at a time, laid out in `order`.
+
+        `repack` (a cache format with host_nbytes/write_host) converts each matrix once, here, into
+        the layout its kernel reads, so that moving it to a slot is a plain copy.
+        """
+        shapes = {k: weights.tensors[k].shape for k in order}
+        store = cls(shapes, weights.block_size, pin=False, host_nbytes=repack and repack.host_nbytes)
         reads = weights.iter_read(store.entries)
         for key, (qweight, scales) in tqdm(reads, total=len(store.entries), desc="loading int4 weights",
                                            unit="matrix", disable=not progress):
-            packed_view, scales_view = store.views(key)
-            if qweight.shape != packed_view.shape or scales.shape != scales_view.shape:
+            n, k = shapes[key]
+            kp = quant.padded_k(k, weights.block_size)
+            expect = [n, kp // 2], [n, kp // weights.block_size]
+            if list(qweight.shape) != expect[0] or list(scales.shape) != expect[1]:
                 raise OffloadError(f"{key}: stored as {list(qweight.shape)} + {list(scales.shape)}, "
-                                   f"the manifest shape {list(store.entries[key].shape)} needs "
-                                   f"{list(packed_view.shape)} + {list(scales_view.shape)}")
-            packed_view.copy_(qweight)
-            scales_view.copy_(scales)
+                                   f"the manifest shape {[n, k]} needs {expect[0]} + {expect[1]}")
+            if repack is not None:
+                repack.write_host(store.raw(key), qweight, scales, shapes[key])
+            else:
+                packed_view, scales_view = store.views(key)
+                packed_view.copy_(qweight)
+                scales_view.copy_(scales)
         if pin:
             store._register()
         return store

@@ -156,3 +156,17 @@ def test_rejects_mismatched_shapes():
         cpu_int4.repack_for_cpu(packed, scales, 100)  # K=100 would have been packed as 128 columns
     with pytest.raises(ValueError):
         cpu_int4.repack_for_cpu(packed, scales[:4], 256)
+
+
+def test_prefill_scratch_works_inside_and_outside_inference_mode():
+    # the shared scratch buffer may first be allocated under torch.inference_mode (generate does that)
+    packed, scales = quant.quantize(torch.randn(96, 256))
+    w = cpu_int4.repack_for_cpu(packed, scales, 256)
+    x = torch.randn(cpu_int4.PREFILL_MIN_M, 256)
+    cpu_int4._scratch = torch.empty(0)
+    with torch.inference_mode():
+        inside = cpu_int4.cpu_int4_linear(x, w)
+    outside = cpu_int4.cpu_int4_linear(x, w)
+    ref = x @ quant.dequantize(packed, scales, (96, 256)).T
+    torch.testing.assert_close(inside, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outside, ref, rtol=1e-4, atol=1e-4)

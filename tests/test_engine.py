@@ -168,3 +168,27 @@ def test_close_is_clean_and_final(models):
     assert not thread.is_alive()
     with pytest.raises(OffloadError, match="closed"):
         engine.generate("x")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("cache", ["full", "25%"])
+def test_cpu_fast_path_matches_reference(models, kind, cache):
+    # bfloat16 on cpu selects PyTorch's int4 CPU kernel (repacked once at load). Greedy tokens must equal
+    # those of the same dequantized HF model run in bfloat16. Logits: bf16 activations drift through the
+    # layers, so the engine's error against the float32 reference may be at most twice that of the plain
+    # bf16 model (plus 1% of the logit range), i.e. no worse than running the model in bf16 at all.
+    model_dir, weights_dir = models[kind]
+    ref32 = tiny.reference_model(model_dir)
+    ref16 = tiny.reference_model(model_dir).to(torch.bfloat16)
+    ids = prompt_ids("cpu")
+    expected = greedy(ref16, ids)[:, : ids.shape[1] + 16]
+    with offload.load(model_dir, weights_dir, cache=cache, device="cpu", dtype=torch.bfloat16,
+                      progress=False) as engine:
+        assert type(engine.fmt).__name__ == "CpuInt4Format"
+        got = greedy(engine.model, ids)[:, : ids.shape[1] + 16]
+        assert torch.equal(got, expected)
+        with torch.no_grad():
+            ours, bf16, exact = (m(got).logits.float() for m in (engine.model, ref16, ref32))
+    scale = exact.abs().max()
+    assert (ours - exact).abs().max() <= 2 * (bf16 - exact).abs().max() + 1e-2 * scale
+    assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9

@@ -1,0 +1,112 @@
+"""Accuracy of each quantization method and lm_head precision on the demo model, plus a synthetic check.
+
+    python benchmarks/eval_methods.py                       # every variant; JSON + a markdown table
+    python benchmarks/eval_methods.py --variants mse:int4 gptq:bf16 --out /tmp/evals
+
+For each variant the demo model (SmolLM2-135M-Instruct) is quantized into OUT/<method>-<lm_head>
+(reused when it exists) and scored with offload.evaluate on benchmarks/data/eval.txt; gptq calibrates
+on benchmarks/data/calibration.txt (a different text). The synthetic check quantizes Gaussian weights,
+where the answer is known: mse cannot reconstruct worse than absmax (absmax is one of its candidates),
+and GPTQ must lower the output error on its calibration activations.
+"""
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from offload import methods, quant
+from offload.demo import prepare
+from offload.evaluate import evaluate
+from offload.store import WeightsDir, quantize_model
+
+DATA = Path(__file__).parent / "data"
+VARIANTS = [f"{m}:{h}" for m in ("absmax", "mse", "gptq") for h in ("int4", "int8", "bf16")]
+
+
+def synthetic(seed=0, n=1024, k=1024, rows=4096) -> list[dict]:
+    """Reconstruction and output error of each method on a Gaussian weight with correlated Gaussian inputs."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
+    x = torch.randn(rows, k, generator=g) @ mix  # [rows, K], correlated features like real activations
+    h = methods.Hessian(k)
+    h.add(x)
+    candidates = {"absmax": lambda: methods.quantize_weight(w, "absmax"),
+                  "mse": lambda: methods.quantize_weight(w, "mse"),
+                  "gptq": lambda: methods.gptq(w, h.h)}
+    out, y = [], x @ w.T
+    for name, fn in candidates.items():
+        t0 = time.perf_counter()
+        wq = quant.dequantize(*fn(), w.shape)
+        seconds = time.perf_counter() - t0
+        out.append({"method": name, "weight_mse": (wq - w).square().mean().item(),
+                    "output_mse": (x @ wq.T - y).square().mean().item(), "seconds": seconds})
+    return out
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads: steadier than wall time on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_variant(model_dir, out: Path, variant: str, max_tokens: int, stride: int, requantize: bool) -> dict:
+    method, lm_head = variant.split(":")
+    weights = out / f"{method}-{lm_head}"
+    timing = out / f"{method}-{lm_head}.time.json"
+    if requantize or not (weights / "offload.json").exists():
+        cpu0 = cpu_seconds()
+        quantize_model(model_dir, weights, method=method, lm_head=lm_head, force=True, progress=False,
+                       calibration=DATA / "calibration.txt" if method == "gptq" else None)
+        timing.write_text(json.dumps({"quantize_cpu_seconds": cpu_seconds() - cpu0}))
+    r = evaluate(model_dir, weights, DATA / "eval.txt", max_tokens=max_tokens, stride=stride, progress=False)
+    r["quantize_seconds"] = WeightsDir(weights).manifest["quantize_seconds"]
+    r.update(json.loads(timing.read_text()) if timing.exists() else {"quantize_cpu_seconds": None})
+    return r
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | lm_head | ppl | change | top-1 agreement | mean KL (nats) | quantize wall | quantize CPU |",
+             "|---|---|---|---|---|---|---|---|"]
+    if rows:
+        lines.insert(2, f"| unquantized | - | {rows[0]['reference_ppl']:.3f} | - | - | - | - | - |")
+    for r in rows:
+        cpu = r.get("quantize_cpu_seconds")
+        lines.append(f"| {r['method']} | {r['lm_head']} | {r['ppl']:.3f} | {100 * r['ppl_change']:+.1f}% | "
+                     f"{100 * r['top1_agreement']:.1f}% | {r['kl_mean']:.4f} | {r['quantize_seconds']:.1f} s | "
+                     f"{'-' if cpu is None else f'{cpu:.1f} s'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=VARIANTS, help="method:lm_head pairs")
+    p.add_argument("--out", default="/tmp/offload-eval-methods", help="where the weights dirs and results go")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--requantize", action="store_true", help="quantize again even where OUT has the weights")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"cuda {torch.cuda.is_available()}, torch {torch.__version__}")
+    synth = synthetic()
+    (out / "synthetic.json").write_text(json.dumps(synth, indent=1))
+    for s in synth:
+        print(f"synthetic {s['method']:>6}: weight mse {s['weight_mse']:.5f}, output mse {s['output_mse']:.3f}, "
+              f"{s['seconds']:.2f} s")
+    model_dir, _ = prepare(progress=False)
+    rows = []
+    for variant in args.variants:
+        rows.append(run_variant(model_dir, out, variant, args.max_tokens, args.stride, args.requantize))
+        (out / "results.json").write_text(json.dumps(rows, indent=1))  # after each variant: they are slow
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
