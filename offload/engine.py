@@ -2,7 +2,6 @@
 parameters, and wire store -> cache -> prefetcher -> modules. `load()` is the public entry point."""
 import atexit
 import importlib.util
-import time
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from .int8 import swap_int8_linears
 from .modules import empty_model, linear_modules, swap_linears
 from .prefetch import Prefetcher
 from .store import WeightsDir
+from .timing import PassTimer
 from .units import fmt_bytes
 
 KV_RESERVE_TOKENS = 4096  # context the "auto" budget keeps room for (batch 1)
@@ -110,8 +110,7 @@ class Engine:
         self.model = model
         self.tokenizer = self._load_tokenizer(side_dirs)
         self._small_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        model.register_forward_hook(self._after_forward, with_kwargs=True)
+        self.timer = PassTimer(model, self.device, before=self._before_pass, after=self._after_pass)
         self.reset_stats()
 
     def _load_tokenizer(self, side_dirs):
@@ -153,39 +152,23 @@ class Engine:
     # ---- stats ----
     def reset_stats(self) -> None:
         """Zero the timing and traffic counters (the cache keeps what it holds)."""
-        self._acc = {"prefill": [0, 0.0, 0], "decode": [0, 0.0, 0]}  # tokens, seconds, h2d bytes
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.timer.reset()
+        self._h2d = {"prefill": 0, "decode": 0}  # bytes copied in during each phase's passes
         self._counters0 = (self.cache.hits, self.cache.misses)
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _before_forward(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs["inputs_embeds"]
-        past = kwargs.get("past_key_values")
-        prefill = past is None or past.get_seq_length() == 0
-        self._sync()
-        self._pass = ("prefill" if prefill else "decode", ids.shape[0] * ids.shape[1], self.cache.h2d_bytes,
-                      time.perf_counter())
+    def _before_pass(self, phase: str) -> None:
+        self._h2d0 = self.cache.h2d_bytes
         self.prefetcher.begin_pass()
 
-    def _after_forward(self, module, args, kwargs, output) -> None:
-        self._sync()
-        phase, tokens, h2d0, t0 = self._pass
-        acc = self._acc[phase]
-        acc[0] += tokens
-        acc[1] += time.perf_counter() - t0
-        acc[2] += self.cache.h2d_bytes - h2d0
+    def _after_pass(self, phase: str) -> None:
+        self._h2d[phase] += self.cache.h2d_bytes - self._h2d0
         self.prefetcher.end_pass()
 
     @property
     def stats(self) -> dict:
         """Throughput, cache traffic and memory since load (or `reset_stats`)."""
-        (pt, ps, pb), (dt, ds, db) = self._acc["prefill"], self._acc["decode"]
+        (pt, ps, _), (dt, ds, _) = self.timer.acc["prefill"], self.timer.acc["decode"]
+        pb, db = self._h2d["prefill"], self._h2d["decode"]
         hits, misses = self.cache.hits - self._counters0[0], self.cache.misses - self._counters0[1]
         cuda = self.device.type == "cuda"
         entries = self.store.entries

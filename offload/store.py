@@ -11,6 +11,7 @@ The manifest also records the method (absmax, mse, gptq: offload.methods) and it
 Only safetensors and JSON are read: no pickle anywhere.
 """
 import hashlib
+import contextlib
 import json
 import os
 import shutil
@@ -51,7 +52,8 @@ def _source_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _role(name: str, module) -> str:
+def tensor_role(name: str, module) -> str:
+    """The manifest role of an unquantized tensor: bias, embedding, norm or other."""
     if name.endswith(".bias"):
         return "bias"
     if isinstance(module, torch.nn.Embedding):
@@ -117,23 +119,30 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     head = skeleton.get_output_embeddings()
     options["head_key"] = next((f"{n}.weight" for n, m in linears.items() if m is head), None)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         manifest = _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules,
                                      block_size, device, shard_bytes, progress, options)
         for f in SIDE_FILES:
             if (model_dir / f).exists():
                 shutil.copy2(model_dir / f, tmp / f)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a temporary sibling dir that replaces `out` only when the block completes."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _method_options(method, calibration, lm_head) -> dict:
@@ -213,7 +222,7 @@ def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, bloc
             writer.add(record, stored)
         else:
             module = modules.get(key.rpartition(".")[0])
-            record = {"role": _role(key, module), "shape": list(src.shape), "dtype": str(src.dtype).removeprefix("torch."),
+            record = {"role": tensor_role(key, module), "shape": list(src.shape), "dtype": str(src.dtype).removeprefix("torch."),
                       "keys": [key]}
             writer.add(record, {key: src})
         tensors[key] = record

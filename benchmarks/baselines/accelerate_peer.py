@@ -20,7 +20,7 @@ from accelerate.utils import set_module_tensor_to_device
 from offload.modules import empty_model
 
 from .dense import linear_weight
-from .timing import PassTimer
+from offload.timing import PassTimer
 
 RAM_HEADROOM = 2 << 30
 

@@ -31,7 +31,7 @@ from offload.modules import empty_model, linear_modules
 from offload.quant import unpack_nibbles
 
 from .dense import linear_weight, resident_linears
-from .timing import PassTimer
+from offload.timing import PassTimer
 
 
 def build_store(config, weights, device) -> HostStore:

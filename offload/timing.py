@@ -1,4 +1,4 @@
-"""Prefill/decode timing of any HF causal LM, the way offload's Engine times itself: a forward
+"""Prefill/decode timing of any HF causal LM (the engine's stats, the benchmark peers): a forward
 pre-hook and a forward hook on the top-level model synchronize the device and time each pass; a pass
 whose KV cache is empty is prefill, every other pass is one decode step."""
 import time
@@ -7,8 +7,11 @@ import torch
 
 
 class PassTimer:
-    def __init__(self, model, device):
+    """Times every forward pass of `model`; `before(phase)` / `after(phase)` run around each one."""
+
+    def __init__(self, model, device, before=None, after=None):
         self.device = torch.device(device)
+        self.before, self.after = before, after
         self.acc = None
         self._pass = None
         self.reset()
@@ -30,8 +33,11 @@ class PassTimer:
             ids = kwargs["inputs_embeds"]
         past = kwargs.get("past_key_values")
         prefill = past is None or past.get_seq_length() == 0
+        phase = "prefill" if prefill else "decode"
         self._sync()
-        self._pass = ("prefill" if prefill else "decode", ids.shape[0] * ids.shape[1], time.perf_counter())
+        if self.before is not None:
+            self.before(phase)
+        self._pass = (phase, ids.shape[0] * ids.shape[1], time.perf_counter())
 
     def _after(self, module, args, kwargs, output) -> None:
         self._sync()
@@ -39,6 +45,8 @@ class PassTimer:
         self.acc[phase][0] += tokens
         self.acc[phase][1] += time.perf_counter() - t0
         self.acc[phase][2] += 1
+        if self.after is not None:
+            self.after(phase)
 
     def stats(self) -> dict:
         (pt, ps, _), (dt, ds, dn) = self.acc["prefill"], self.acc["decode"]
