@@ -123,9 +123,9 @@ def _run(args) -> int:
             engine.generate(args.prompt, args.max_new_tokens, chat=args.chat, streamer=streamer, **sampling)
         else:
             _chat_loop(engine, args, streamer, sampling)
-        stats = engine.stats
+        stats, plan = engine.stats, engine.memory_plan()
     if args.stats:
-        print(_stats_summary(stats, fmt_bytes), file=sys.stderr)
+        print(_stats_summary(stats, fmt_bytes) + "\n" + plan, file=sys.stderr)
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(stats, f, indent=1)

@@ -12,9 +12,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("accelerate")
-
 
 @pytest.fixture(scope="module")
 def sweep_csv(tmp_path_factory):
