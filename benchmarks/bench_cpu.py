@@ -2,7 +2,7 @@
 offloaded engine on its fast int4 path (bfloat16) at full and quarter cache, and on the exact float32
 reference path. Greedy decoding of the demo model (SmolLM2-135M-Instruct) unless --model is given.
 
-    python benchmarks/bench_cpu.py [--model DIR --weights DIR] [--new-tokens 64] [--reps 3]
+    python benchmarks/bench_cpu.py [--model DIR --weights DIR] [--new-tokens 64] [--reps 3] [--threads N]
 
 Prints a table (decode tokens/s and the ratio to plain float32) and writes
 benchmarks/results/cpu-<model>-decode.csv.
@@ -57,8 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--weights", help="weights dir (default: the demo model's)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="CSV path")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir, weights_dir = (args.model, args.weights) if args.model else demo.prepare()
     name = Path(model_dir).parent.name if not args.model else Path(model_dir).name
     threads = torch.get_num_threads()

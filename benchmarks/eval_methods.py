@@ -54,15 +54,20 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def quantize_timed(model_dir, weights: Path, method: str, lm_head: str) -> dict:
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    quantize_model(model_dir, weights, method=method, lm_head=lm_head, force=True, progress=False,
+                   calibration=DATA / "calibration.txt" if method == "gptq" else None)
+    return {"quantize_seconds": time.perf_counter() - t0, "quantize_cpu_seconds": cpu_seconds() - cpu0}
+
+
 def run_variant(model_dir, out: Path, variant: str, max_tokens: int, stride: int, requantize: bool) -> dict:
     method, lm_head = variant.split(":")
     weights = out / f"{method}-{lm_head}"
     timing = out / f"{method}-{lm_head}.time.json"
     if requantize or not (weights / "offload.json").exists():
-        cpu0 = cpu_seconds()
-        quantize_model(model_dir, weights, method=method, lm_head=lm_head, force=True, progress=False,
-                       calibration=DATA / "calibration.txt" if method == "gptq" else None)
-        timing.write_text(json.dumps({"quantize_cpu_seconds": cpu_seconds() - cpu0}))
+        timing.write_text(json.dumps({"quantize_cpu_seconds": quantize_timed(model_dir, weights, method,
+                                                                             lm_head)["quantize_cpu_seconds"]}))
     r = evaluate(model_dir, weights, DATA / "eval.txt", max_tokens=max_tokens, stride=stride, progress=False)
     r["quantize_seconds"] = WeightsDir(weights).manifest["quantize_seconds"]
     r.update(json.loads(timing.read_text()) if timing.exists() else {"quantize_cpu_seconds": None})
@@ -89,6 +94,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--requantize", action="store_true", help="quantize again even where OUT has the weights")
+    p.add_argument("--quantize-only", action="store_true",
+                   help="only time the quantization of each variant (into OUT/timing), no evaluation")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +107,13 @@ def main() -> None:
         print(f"synthetic {s['method']:>6}: weight mse {s['weight_mse']:.5f}, output mse {s['output_mse']:.3f}, "
               f"{s['seconds']:.2f} s")
     model_dir, _ = prepare(progress=False)
+    if args.quantize_only:
+        for variant in args.variants:
+            method, lm_head = variant.split(":")
+            t = quantize_timed(model_dir, out / "timing", method, lm_head)
+            print(f"quantize {variant}: {t['quantize_seconds']:.1f} s wall, {t['quantize_cpu_seconds']:.1f} s CPU",
+                  flush=True)
+        return
     rows = []
     for variant in args.variants:
         rows.append(run_variant(model_dir, out, variant, args.max_tokens, args.stride, args.requantize))

@@ -35,10 +35,11 @@ def quantize_main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=128, help="elements per scale (default 128)")
     p.add_argument("--shard-size", default="1GiB", help="output shard size (default 1GiB)")
     p.add_argument("--method", choices=("absmax", "mse", "gptq"), default=None,
-                   help="how scales and int4 values are chosen (default: absmax; measured in benchmarks/README.md)")
+                   help="how scales and int4 values are chosen (default: mse; measured in benchmarks/README.md)")
     p.add_argument("--calibration", metavar="FILE", help="plain text whose activations drive --method gptq")
-    p.add_argument("--lm-head", choices=("int4", "int8", "bf16"), default="int4",
-                   help="precision of the output projection; int8 and bf16 stay resident on the device (default int4)")
+    p.add_argument("--lm-head", choices=("int4", "int8", "bf16"), default=None,
+                   help="precision of the output projection: int8 (default) and bf16 stay resident on the device, "
+                   "int4 is streamed like the other linears")
     p.add_argument("--force", action="store_true", help="replace an existing weights dir")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
@@ -51,10 +52,11 @@ def _quantize(args) -> int:
     import torch
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise OffloadError("--device cuda requested but no CUDA GPU is available")
-    method = {"method": args.method} if args.method else {}  # the library's default when not given
+    # options not given take the library's defaults
+    chosen = {k: v for k, v in (("method", args.method), ("lm_head", args.lm_head)) if v is not None}
     out = quantize_model(args.model_dir, args.weights_dir, block_size=args.block_size, device=args.device,
                          shard_bytes=parse_size(args.shard_size), force=args.force, calibration=args.calibration,
-                         lm_head=args.lm_head, **method)
+                         **chosen)
     print(f"wrote {out}: {WeightsDir(out).describe()}", file=sys.stderr)
 
 

@@ -89,7 +89,9 @@ def test_quantize_model_records_the_method_and_gptq_runs_layer_by_layer(llama, t
     model_dir, _ = llama
     calibration = tmp_path / "calibration.txt"
     calibration.write_text(CALIBRATION)
-    out = quantize_model(model_dir, tmp_path / "gptq", method="gptq", calibration=calibration, progress=False)
+    # lm_head int4: the output projection goes through GPTQ too (inputs taken after the final norm)
+    out = quantize_model(model_dir, tmp_path / "gptq", method="gptq", calibration=calibration, lm_head="int4",
+                         progress=False)
     w = WeightsDir(out)
     m = w.manifest
     assert m["method"] == "gptq" and m["lm_head"] == "int4"
@@ -143,3 +145,10 @@ def test_lm_head_int8_and_bf16_stay_resident_and_match_their_reference(llama, tm
         with torch.no_grad():
             got, want = engine.model(input_ids=ids).logits, ref.eval()(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_defaults_are_the_measured_choice(llama, tmp_path):
+    # benchmarks/README.md: mse decoder linears + an int8 output projection
+    m = WeightsDir(quantize_model(llama[0], tmp_path / "w", progress=False)).manifest
+    assert (m["method"], m["lm_head"]) == ("mse", "int8")
+    assert m["tensors"]["lm_head.weight"]["quant"] == "int8"

@@ -44,7 +44,8 @@ def test_sharded_sources_and_outputs(llama, tmp_path):
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(sharded, max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").exists()
-    out = store.quantize_model(sharded, tmp_path / "w", shard_bytes=50_000, progress=False)
+    out = store.quantize_model(sharded, tmp_path / "w", shard_bytes=50_000, progress=False, method="absmax",
+                               lm_head="int4")
     w = store.WeightsDir(out)
     assert len(w.manifest["shards"]) > 1
     ref = store.WeightsDir(llama[1])
@@ -65,7 +66,7 @@ def test_interrupted_quantization_leaves_nothing_that_looks_complete(llama, tmp_
     real = quant.quantize
     monkeypatch.setattr(quant, "quantize", failing)
     with pytest.raises(KeyboardInterrupt):
-        store.quantize_model(model_dir, tmp_path / "w", progress=False)
+        store.quantize_model(model_dir, tmp_path / "w", progress=False, method="absmax")
     assert list(tmp_path.iterdir()) == []
 
 

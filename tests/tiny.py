@@ -47,7 +47,8 @@ def make(kind: str, root: Path) -> tuple[Path, Path]:
         model.save_pretrained(model_dir)
         tok = byte_tokenizer()
         tok.save_pretrained(model_dir)
-        quantize_model(model_dir, weights_dir, force=True, progress=False)
+        # absmax and an int4 lm_head: every linear streamed, as `reference_model` rebuilds them
+        quantize_model(model_dir, weights_dir, force=True, progress=False, method="absmax", lm_head="int4")
     return model_dir, weights_dir
 
 
