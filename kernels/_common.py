@@ -117,3 +117,19 @@ class PerArchAutotuner:
             self._tuned[(family, limit)] = triton.autotune(
                 configs=configs, key=self.key, prune_configs_by={"early_config_prune": early_prune})(self.fn)
         return self._tuned[(family, limit)]
+
+
+def check_launch(x, packed, scales, in_features, out, supported_group):
+    """Validate a fused launch; -> (M, N, number of scale blocks, block size, out [M, N])."""
+    m, k = x.shape
+    n, n_groups = packed.shape[0], scales.shape[1]
+    group = 2 * packed.shape[1] // n_groups
+    if k != in_features or x.stride(1) != 1 or packed.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError("x must be [M, in_features]; x, packed and scales contiguous along K")
+    if not supported_group(group) or n_groups * group < k:
+        raise ValueError(f"unsupported block size {group} for K={k}")
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
+        raise ValueError(f"out must be {x.dtype} [{m}, {n}] with unit column stride")
+    return m, n, n_groups, group, out

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PerArchAutotuner, bucket, dot_dtype, prune_by_smem, unpack_nibbles_f32
+from ._common import PerArchAutotuner, bucket, check_launch, dot_dtype, prune_by_smem, unpack_nibbles_f32
 
 
 @triton.jit
@@ -113,17 +113,8 @@ def supported_group(group: int) -> bool:
 
 def fused_gemm(x, packed, scales, in_features, bias=None, out=None):
     """Fused prefill: x [M, K] @ dequant(packed, scales).T (+ bias) -> out [M, N] in x.dtype."""
-    m, k = x.shape
-    n, n_groups = packed.shape[0], scales.shape[1]
-    group = 2 * packed.shape[1] // n_groups
-    if k != in_features or x.stride(1) != 1 or packed.stride(1) != 1 or scales.stride(1) != 1:
-        raise ValueError("x must be [M, in_features]; x, packed and scales contiguous along K")
-    if not supported_group(group) or n_groups * group < k:
-        raise ValueError(f"unsupported block size {group} for K={k}")
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
-        raise ValueError(f"out must be {x.dtype} [{m}, {n}] with unit column stride")
+    m, n, n_groups, group, out = check_launch(x, packed, scales, in_features, out, supported_group)
+    k = in_features
     dtype, precision = dot_dtype(x.dtype)
 
     def grid(meta):

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PerArchAutotuner, bucket, dot_dtype, next_pow2, prune_by_smem, sm_count, unpack_nibbles_f32
+from ._common import (PerArchAutotuner, bucket, check_launch, dot_dtype, next_pow2, prune_by_smem, sm_count,
+                      unpack_nibbles_f32)
 
 MAX_M = 16
 # Rows at or below this use CUDA-core FMAs; above it tl.dot with BLOCK_M = 16. FMAs cost one
@@ -160,19 +161,10 @@ def fused_gemv(x, packed, scales, in_features, bias=None, out=None, split_k=None
 
     split_k (None: chosen from N and the SM count) splits the scale blocks of K across programs.
     """
-    m, k = x.shape
-    n, n_groups = packed.shape[0], scales.shape[1]
-    group = 2 * packed.shape[1] // n_groups
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"gemv handles 1..{MAX_M} rows, got {m}")
-    if k != in_features or x.stride(1) != 1 or packed.stride(1) != 1 or scales.stride(1) != 1:
-        raise ValueError("x must be [M, in_features]; x, packed and scales contiguous along K")
-    if not supported_group(group) or n_groups * group < k:
-        raise ValueError(f"unsupported block size {group} for K={k}")
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
-        raise ValueError(f"out must be {x.dtype} [{m}, {n}] with unit column stride")
+    if not 1 <= x.shape[0] <= MAX_M:
+        raise ValueError(f"gemv handles 1..{MAX_M} rows, got {x.shape[0]}")
+    m, n, n_groups, group, out = check_launch(x, packed, scales, in_features, out, supported_group)
+    k = in_features
 
     split = split_k or auto_split_k(n, n_groups, x.device)
     groups_per_split = triton.cdiv(n_groups, max(1, min(split, n_groups)))
