@@ -83,16 +83,19 @@ class Engine:
         model = empty_model(self.config, self.dtype, attn)
         self.weights.check_config(model)
         # everything the cache does not stream: embeddings, norms, biases, an int8 or bf16 lm_head
-        small = {n: t for n, t in self.weights.tensors.items() if n not in self.weights.linears}
-        check_ram(sum(torch.Size(t.shape).numel() for t in small.values()) * 4, "the unquantized tensors")
+        streamed = self.weights.linears
+        small = {n: t for n, t in self.weights.tensors.items() if n not in streamed}
+        small_numel = sum(torch.Size(t.shape).numel() for t in small.values())
+        check_ram(small_numel * 4, "the unquantized tensors")
 
         # registration order: usually the execution order, so the plan made now rarely changes
         # once the first forward has recorded the real one
-        order = [f"{name}.weight" for name in linear_modules(model) if f"{name}.weight" in self.weights.linears]
+        order = [f"{name}.weight" for name in linear_modules(model) if f"{name}.weight" in streamed]
         self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress,
                                             repack=self.fmt if hasattr(self.fmt, "write_host") else None)
         sizes = {k: self.fmt.slot_nbytes(e) for k, e in self.store.entries.items()}
-        budget = parse_budget(cache, sizes, self._auto_budget(sizes) if self.device.type == "cuda" else None)
+        auto = self._auto_budget(sizes, small_numel) if self.device.type == "cuda" else None
+        budget = parse_budget(cache, sizes, auto)
         self.cache = DeviceCache(sizes, budget, policy)
         self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device)
         self._closed = False
@@ -124,12 +127,11 @@ class Engine:
         tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         return tokenizer
 
-    def _auto_budget(self, sizes) -> int:
+    def _auto_budget(self, sizes, small_numel: int) -> int:
         free, _total = torch.cuda.mem_get_info(self.device)
         if self.device_memory is not None:  # an emulated smaller card
             free = min(free, self.device_memory - torch.cuda.memory_reserved(self.device))
-        small = sum(torch.Size(t.shape).numel() for n, t in self.weights.tensors.items() if n not in self.weights.linears)
-        reserve = (small * torch.finfo(self.dtype).bits // 8
+        reserve = (small_numel * torch.finfo(self.dtype).bits // 8
                    + KV_RESERVE_TOKENS * _kv_bytes_per_token(self.config, self.dtype)
                    + 2 * max(n * k * 2 for n, k in (e.shape for e in self.store.entries.values()))
                    + SCRATCH_RESERVE)
