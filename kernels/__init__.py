@@ -1,10 +1,11 @@
 """Fused int4 Triton kernels and their torch references (import name `offload.kernels`).
 
-`int4_linear` is the one function the engine calls; it picks the decode (gemv) or prefill (gemm)
-kernel by the number of activation rows. Nothing here imports the engine.
+`int4_linear` is the function the engine's streamed linears call; it picks the decode (gemv) or
+prefill (gemm) kernel by the number of activation rows. `int8_linear` serves an int8 output
+projection. Nothing here imports the engine.
 """
 from .dequant import dequantize, dequantize_ref
-from .dispatch import FORCE_TRITON_ENV, int4_linear, int4_linear_ref
+from .dispatch import FORCE_TRITON_ENV, int4_linear, int4_linear_ref, int8_dequantize_ref, int8_linear, int8_linear_ref
 from .gemm import fused_gemm, gemm_ref
 from .gemv import fused_gemv, gemv_ref
 
@@ -18,4 +19,7 @@ __all__ = [
     "gemv_ref",
     "int4_linear",
     "int4_linear_ref",
+    "int8_dequantize_ref",
+    "int8_linear",
+    "int8_linear_ref",
 ]

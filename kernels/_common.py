@@ -119,11 +119,11 @@ class PerArchAutotuner:
         return self._tuned[(family, limit)]
 
 
-def check_launch(x, packed, scales, in_features, out, supported_group):
+def check_launch(x, packed, scales, in_features, out, supported_group, bits=4):
     """Validate a fused launch; -> (M, N, number of scale blocks, block size, out [M, N])."""
     m, k = x.shape
     n, n_groups = packed.shape[0], scales.shape[1]
-    group = 2 * packed.shape[1] // n_groups
+    group = packed.shape[1] * (8 // bits) // n_groups
     if k != in_features or x.stride(1) != 1 or packed.stride(1) != 1 or scales.stride(1) != 1:
         raise ValueError("x must be [M, in_features]; x, packed and scales contiguous along K")
     if not supported_group(group) or n_groups * group < k:

@@ -13,6 +13,7 @@ Run as `python -m offload.kernels.aot [--arch 86 89 90]`; prints one JSON object
 Must run with TRITON_INTERPRET unset (the kernels have to be real JITFunctions).
 """
 import argparse
+import itertools
 import json
 import os
 import re
@@ -49,15 +50,17 @@ def _variants(arch):
             "M_KEY", "N_KEY", "K_KEY"]
     aligned = ["x_ptr", "w_ptr", "s_ptr", "bias_ptr", "out_ptr", "ws_ptr", "K", "stride_xm", "stride_wn",
                "stride_om"]
-    for use_dot, block_m in [(False, 1), (False, 2), (True, 16)]:
+    for bits, (use_dot, block_m) in itertools.product((4, 8), [(False, 1), (False, 2), (True, 16)]):
         consts = {"GROUP": GROUP, "BLOCK_M": block_m, "USE_DOT": use_dot, "HAS_BIAS": True, "TO_WORKSPACE": False,
-                  **dot}
+                  "INT8": bits == 8, **dot}
         configs = gemv._configs(family)
         kept = gemv._prune(configs, limit, x_like, consts)
+        name = f"gemv[M<={block_m}]" if bits == 4 else f"gemv-int8[M<={block_m}]"
         for cfg in configs:
-            yield (f"gemv[M<={block_m}]", gemv._gemv_kernel, {**sig, **dict.fromkeys(ints, "i32")},
+            yield (name, gemv._gemv_kernel, {**sig, "w_ptr": "*u8" if bits == 4 else "*i8",
+                                             **dict.fromkeys(ints, "i32")},
                    {**consts, **cfg.kwargs}, aligned, cfg, cfg in kept,
-                   gemv.smem_estimate(cfg, GROUP, block_m, 2, use_dot))
+                   gemv.smem_estimate(cfg, GROUP, block_m, 2, use_dot, bits))
 
     reduce_sig = {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
                   "SPLIT": "i32", "stride_om": "i32"}

@@ -1,4 +1,5 @@
-"""The one entry point the engine calls: y = x @ W.T + bias with W held as int4 blocks.
+"""The entry points the engine calls: y = x @ W.T + bias with W held as int4 blocks (int8 for an
+int8 output projection: `int8_linear`).
 
 Shapes and dtypes:
   x       bf16/fp16/fp32 [..., K]     any leading dims
@@ -61,6 +62,56 @@ def int4_linear(x, packed, scales, in_features, bias=None):
             w = dequantize(packed, scales, in_features, dtype=x.dtype)  # [N, K]
             out = F.linear(x2, w, bias.to(x.dtype) if bias is not None else None)
     return out.view(*lead, n)
+
+
+def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24):
+    """x [..., K] @ (qweight int8 [N, Kp] * block scales)[:, :K].T (+ bias) -> [..., N] in x.dtype.
+
+    M <= 16 (decode; the output projection of a prefill too, since generate keeps only the last
+    position's logits) reads the int8 bytes once in the fused kernel; larger M dequantizes
+    `chunk_elems` weights at a time into x.dtype for F.linear, so the transient stays small.
+    """
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
+    lead, n = x.shape[:-1], qweight.shape[0]
+    x2 = x.reshape(-1, in_features)  # [M, K]
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+    group = qweight.shape[1] // scales.shape[1]
+    if not _use_triton(x):
+        out = int8_linear_ref(x2, qweight, scales, in_features, bias, chunk_elems)
+    elif m <= _gemv.MAX_M and _gemv.supported_group(group):
+        out = _gemv.fused_gemv(x2, qweight, scales, in_features, bias, bits=8)
+    else:
+        out = x2.new_empty(m, n)
+        rows = max(1, chunk_elems // qweight.shape[1])
+        for i in range(0, n, rows):
+            w = int8_dequantize_ref(qweight[i:i + rows], scales[i:i + rows], in_features, x.dtype)  # [rows, K]
+            b = bias[i:i + rows].to(x.dtype) if bias is not None else None
+            out[:, i:i + rows] = F.linear(x2, w, b)
+    return out.view(*lead, n)
+
+
+def int8_dequantize_ref(qweight, scales, in_features, dtype=torch.float32):
+    """(qweight int8 [N, Kp], scales [N, Kp / block]) -> dtype [N, K], computed in fp32."""
+    n, kp = qweight.shape
+    block = kp // scales.shape[1]
+    w = qweight.view(n, kp // block, block).float() * scales.float().unsqueeze(-1)
+    return w.view(n, kp)[:, :in_features].to(dtype)
+
+
+def int8_linear_ref(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24):
+    """Pure torch, fp32 arithmetic, `chunk_elems` weights dequantized at a time: x [M, K] -> [M, N] in x.dtype."""
+    xf = x.float()
+    rows = max(1, chunk_elems // qweight.shape[1])
+    out = torch.cat([xf @ int8_dequantize_ref(qweight[i:i + rows], scales[i:i + rows], in_features).t()
+                     for i in range(0, qweight.shape[0], rows)], dim=1)  # [M, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 def int4_linear_ref(x, packed, scales, in_features, bias=None, chunk_elems=1 << 24):

@@ -1,8 +1,9 @@
-"""Fused int4 decode kernel: out = x @ W.T (+ bias) for M = 1..16 rows of activations.
+"""Fused int4 (and int8) decode kernel: out = x @ W.T (+ bias) for M = 1..16 rows of activations.
 
 Shapes and dtypes:
   x       bf16/fp16/fp32 [M, K]      M <= 16, unit stride along K
-  packed  uint8 [N, Kp // 2]          (see kernels/_common.py for the nibble layout)
+  packed  uint8 [N, Kp // 2]          bits=4 (see kernels/_common.py for the nibble layout)
+          int8  [N, Kp]               bits=8: the int8 output-projection format (offload/int8.py)
   scales  bf16  [N, Kp // GROUP]      GROUP a power of two >= 32
   bias    any float [N] or None
   out     x.dtype [M, N]
@@ -13,6 +14,7 @@ all M rows live in one program (BLOCK_M >= M), each program walks whole scale bl
 K range, multiplies the block's partial sums by the block's scale once, and accumulates in fp32.
 When there are too few N tiles to fill the GPU, the K range is split and fp32 partials go to a
 workspace that a second small kernel reduces (deterministic, no atomics).
+The int8 variant (INT8 constexpr) is the same loop over scale blocks with a byte per weight.
 """
 import torch
 import triton
@@ -35,7 +37,7 @@ def _gemv_kernel(
     M_KEY, N_KEY, K_KEY,  # bucketed sizes, used only as the autotune key
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_BIAS: tl.constexpr, TO_WORKSPACE: tl.constexpr, STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TO_WORKSPACE: tl.constexpr, STAGES: tl.constexpr, INT8: tl.constexpr,
 ):
     HALF: tl.constexpr = GROUP // 2
     pid_n = tl.program_id(0)
@@ -47,9 +49,12 @@ def _gemv_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
 
-    # The weight tile is addressed transposed, [HALF bytes, BLOCK_N rows], so it is already the
+    # The weight tile is addressed transposed, [bytes of a block, BLOCK_N rows], so it is already the
     # [K, N] operand of the product and needs no shuffle; consecutive bytes of a row stay contiguous.
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_j[:, None]
+    if INT8:
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_c[:, None]
+    else:
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_j[:, None]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :]
     s_ptrs = s_ptr + offs_n.to(tl.int64) * stride_sn
 
@@ -58,20 +63,28 @@ def _gemv_kernel(
     g_end = tl.minimum(g_start + groups_per_split, n_groups)
     # An explicit num_stages: Triton pipelines (cp.async) only loads that feed a tl.dot unless told.
     for g in tl.range(g_start, g_end, num_stages=STAGES):
-        b = tl.load(w_ptrs + g * HALF, mask=n_mask[None, :], other=0)  # [HALF, BN] uint8
-        low, high = unpack_nibbles_f32(b)  # [HALF, BN] fp32: columns 2j and 2j+1 of the block
         cols = g * GROUP + offs_c
         x = tl.load(x_ptrs + g * GROUP, mask=m_mask[:, None] & (cols < K)[None, :], other=0.0)  # [BM, GROUP]
-        # Split x into even/odd columns (a register-local split of adjacent pairs) instead of
-        # interleaving the weights: x is the small operand.
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))  # [BM, HALF] each
-        if USE_DOT:
-            part = tl.dot(x_even.to(DOT_DTYPE), low.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-            part = tl.dot(x_odd.to(DOT_DTYPE), high.to(DOT_DTYPE), part, input_precision=DOT_PRECISION)
+        if INT8:
+            # |q| <= 127 is exact in bf16/fp16, so the tensor-core operand loses nothing.
+            w = tl.load(w_ptrs + g * GROUP, mask=n_mask[None, :], other=0).to(tl.float32)  # [GROUP, BN]
+            if USE_DOT:
+                part = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            else:
+                part = tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)  # [BM, BN]
         else:
-            prod = x_even.to(tl.float32)[:, :, None] * low[None, :, :]
-            prod += x_odd.to(tl.float32)[:, :, None] * high[None, :, :]
-            part = tl.sum(prod, axis=1)  # [BM, BN]
+            b = tl.load(w_ptrs + g * HALF, mask=n_mask[None, :], other=0)  # [HALF, BN] uint8
+            low, high = unpack_nibbles_f32(b)  # [HALF, BN] fp32: columns 2j and 2j+1 of the block
+            # Split x into even/odd columns (a register-local split of adjacent pairs) instead of
+            # interleaving the weights: x is the small operand.
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))  # [BM, HALF] each
+            if USE_DOT:
+                part = tl.dot(x_even.to(DOT_DTYPE), low.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+                part = tl.dot(x_odd.to(DOT_DTYPE), high.to(DOT_DTYPE), part, input_precision=DOT_PRECISION)
+            else:
+                prod = x_even.to(tl.float32)[:, :, None] * low[None, :, :]
+                prod += x_odd.to(tl.float32)[:, :, None] * high[None, :, :]
+                part = tl.sum(prod, axis=1)  # [BM, BN]
         s = tl.load(s_ptrs + g, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
         acc += part * s[None, :]  # the block's scale, once per block and output
 
@@ -113,11 +126,11 @@ def _configs(family):
     return [triton.Config({"BLOCK_N": bn, "STAGES": st}, num_warps=w, num_stages=st) for bn, w, st in shapes]
 
 
-def smem_estimate(config, group=128, block_m=16, x_bytes=2, use_dot=True):
+def smem_estimate(config, group=128, block_m=16, x_bytes=2, use_dot=True, bits=4):
     """Bytes of shared memory, an upper bound: num_stages buffers of weight bytes, x and scales (the
     pipeline keeps num_stages - 1), and for the FMA path the cross-thread reduction scratch (~2 KiB a warp)."""
     bn, stages = config.kwargs["BLOCK_N"], config.num_stages
-    per_stage = bn * group // 2 + block_m * group * x_bytes + bn * 2
+    per_stage = bn * group * bits // 8 + block_m * group * x_bytes + bn * 2
     reduce_scratch = 0 if use_dot else 2048 * config.num_warps
     return stages * per_stage + reduce_scratch
 
@@ -127,20 +140,22 @@ def smem_estimate(config, group=128, block_m=16, x_bytes=2, use_dot=True):
 FMA_MAX_VALUES_PER_THREAD = 64
 
 
-def fma_fits(config, block_m, group):
-    return block_m * (group // 2) * config.kwargs["BLOCK_N"] <= FMA_MAX_VALUES_PER_THREAD * 32 * config.num_warps
+def fma_fits(config, block_m, group, bits=4):
+    per_block = group // 2 if bits == 4 else group  # the product tile's K extent
+    return block_m * per_block * config.kwargs["BLOCK_N"] <= FMA_MAX_VALUES_PER_THREAD * 32 * config.num_warps
 
 
 def _prune(configs, limit, named_args, kwargs):
     block_m, group, use_dot = kwargs["BLOCK_M"], kwargs["GROUP"], kwargs["USE_DOT"]
+    bits = 8 if kwargs["INT8"] else 4
     if not use_dot:
-        configs = [c for c in configs if fma_fits(c, block_m, group)] or configs
+        configs = [c for c in configs if fma_fits(c, block_m, group, bits)] or configs
     x_bytes = named_args["x_ptr"].element_size()
-    return prune_by_smem(configs, limit, lambda c: smem_estimate(c, group, block_m, x_bytes, use_dot))
+    return prune_by_smem(configs, limit, lambda c: smem_estimate(c, group, block_m, x_bytes, use_dot, bits))
 
 
 _tuner = PerArchAutotuner(
-    _gemv_kernel, key=["M_KEY", "N_KEY", "K_KEY", "GROUP", "BLOCK_M"], configs_for=_configs, prune=_prune,
+    _gemv_kernel, key=["M_KEY", "N_KEY", "K_KEY", "GROUP", "BLOCK_M", "INT8"], configs_for=_configs, prune=_prune,
     interpret_config=triton.Config({"BLOCK_N": 16, "STAGES": 1}, num_warps=4, num_stages=1))
 
 
@@ -156,14 +171,17 @@ def auto_split_k(n: int, n_groups: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(4 * sms, tiles), n_groups // 2))
 
 
-def fused_gemv(x, packed, scales, in_features, bias=None, out=None, split_k=None):
+def fused_gemv(x, packed, scales, in_features, bias=None, out=None, split_k=None, bits=4):
     """Fused decode: x [M<=16, K] @ dequant(packed, scales).T (+ bias) -> out [M, N] in x.dtype.
 
-    split_k (None: chosen from N and the SM count) splits the scale blocks of K across programs.
+    bits: 4 (packed uint8 [N, Kp/2]) or 8 (int8 [N, Kp]). split_k (None: chosen from N and the SM
+    count) splits the scale blocks of K across programs.
     """
     if not 1 <= x.shape[0] <= MAX_M:
         raise ValueError(f"gemv handles 1..{MAX_M} rows, got {x.shape[0]}")
-    m, n, n_groups, group, out = check_launch(x, packed, scales, in_features, out, supported_group)
+    if (bits, packed.dtype) not in ((4, torch.uint8), (8, torch.int8)):
+        raise ValueError(f"bits={bits} does not match a {packed.dtype} weight")
+    m, n, n_groups, group, out = check_launch(x, packed, scales, in_features, out, supported_group, bits)
     k = in_features
 
     split = split_k or auto_split_k(n, n_groups, x.device)
@@ -182,7 +200,8 @@ def fused_gemv(x, packed, scales, in_features, bias=None, out=None, split_k=None
         x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         bucket(m), bucket(n), bucket(k),
         GROUP=group, BLOCK_M=16 if use_dot else next_pow2(m), USE_DOT=use_dot,
-        DOT_DTYPE=dtype, DOT_PRECISION=precision, HAS_BIAS=bias is not None, TO_WORKSPACE=split > 1)
+        DOT_DTYPE=dtype, DOT_PRECISION=precision, HAS_BIAS=bias is not None, TO_WORKSPACE=split > 1,
+        INT8=bits == 8)
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](

@@ -12,9 +12,10 @@ from .errors import OffloadError
 from .formats import make_format
 from .host import HostStore, check_ram
 from .int8 import swap_int8_linears
-from .modules import empty_model, linear_modules, swap_linears
+from .modules import empty_model, linear_modules, swap_host_embedding, swap_linears
 from .prefetch import Prefetcher
-from .store import WeightsDir
+from .quant import padded_k
+from .store import TensorInfo, WeightsDir
 from .timing import PassTimer
 from .units import fmt_bytes
 
@@ -48,6 +49,15 @@ def _resolve_dtype(dtype, device) -> torch.dtype:
             raise OffloadError(f"unknown dtype {dtype!r} (choose from {', '.join(names)})")
         dtype = names[dtype]
     return dtype
+
+
+def _device_nbytes(t: TensorInfo, dtype: torch.dtype, block_size: int) -> int:
+    """Device bytes of an unstreamed tensor once loaded: floats in `dtype`, an int8 linear as its
+    int8 bytes + scales."""
+    if t.quant == "int8":
+        rows, kp = t.shape[0], padded_k(t.shape[1], block_size)
+        return rows * kp + rows * (kp // block_size) * dtype.itemsize
+    return torch.Size(t.shape).numel() * dtype.itemsize
 
 
 def _kv_bytes_per_token(config, dtype) -> int:
@@ -85,8 +95,11 @@ class Engine:
         # everything the cache does not stream: embeddings, norms, biases, an int8 or bf16 lm_head
         streamed = self.weights.linears
         small = {n: t for n, t in self.weights.tensors.items() if n not in streamed}
-        small_numel = sum(torch.Size(t.shape).numel() for t in small.values())
-        check_ram(small_numel * 4, "the unquantized tensors")
+        check_ram(sum(torch.Size(t.shape).numel() for t in small.values()) * 4, "the unquantized tensors")
+        # The input embedding stays in host RAM (a row gather per step is cheap), the rest goes to the device.
+        self._host_embedding = swap_host_embedding(model, self.device)
+        small_device_bytes = sum(_device_nbytes(t, self.dtype, self.weights.block_size)
+                                 for n, t in small.items() if n != self._host_embedding)
 
         # registration order: usually the execution order, so the plan made now rarely changes
         # once the first forward has recorded the real one
@@ -94,7 +107,7 @@ class Engine:
         self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress,
                                             repack=self.fmt if hasattr(self.fmt, "write_host") else None)
         sizes = {k: self.fmt.slot_nbytes(e) for k, e in self.store.entries.items()}
-        auto = self._auto_budget(sizes, small_numel) if self.device.type == "cuda" else None
+        auto = self._auto_budget(sizes, small_device_bytes) if self.device.type == "cuda" else None
         budget = parse_budget(cache, sizes, auto)
         self.cache = DeviceCache(sizes, budget, policy)
         self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device)
@@ -127,11 +140,11 @@ class Engine:
         tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         return tokenizer
 
-    def _auto_budget(self, sizes, small_numel: int) -> int:
+    def _auto_budget(self, sizes, small_device_bytes: int) -> int:
         free, _total = torch.cuda.mem_get_info(self.device)
         if self.device_memory is not None:  # an emulated smaller card
             free = min(free, self.device_memory - torch.cuda.memory_reserved(self.device))
-        reserve = (small_numel * torch.finfo(self.dtype).bits // 8
+        reserve = (small_device_bytes
                    + KV_RESERVE_TOKENS * _kv_bytes_per_token(self.config, self.dtype)
                    + 2 * max(n * k * 2 for n, k in (e.shape for e in self.store.entries.values()))
                    + SCRATCH_RESERVE)
@@ -143,12 +156,18 @@ class Engine:
     def _load_small(self, model, small) -> None:
         state = {}
         for name, tensors in self.weights.iter_read(small):
+            if name == self._host_embedding:
+                model.get_input_embeddings().table = tensors[0].to(self.dtype)  # [V, D], stays on the cpu
+                continue
             for key, tensor in zip(self.weights.tensors[name].keys, tensors):  # int8: qweight + scales
                 state[key] = tensor.to(self.device, self.dtype if tensor.is_floating_point() else tensor.dtype)
         model.load_state_dict(state, strict=False, assign=True)
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
             if p.is_meta:
                 raise OffloadError(f"{self.weights.path} has no tensor for {name} (manifest does not match the config)")
+        if self._host_embedding is not None and model.get_input_embeddings().table is None:
+            raise OffloadError(f"{self.weights.path} has no tensor for {self._host_embedding} "
+                               "(manifest does not match the config)")
         model.to(self.device)  # buffers built on the host (rotary tables)
 
     # ---- stats ----
@@ -201,7 +220,8 @@ class Engine:
         streamed = s["streamed_bytes_per_token"]
         streamed = f"streamed {fmt_bytes(streamed)}/token" if streamed is not None else "streamed: up to the model/token"
         return (f"memory plan: {self.cache.plan_line()}, {streamed}; model {fmt_bytes(s['model_bytes'])} int4 in "
-                f"{fmt_bytes(self.store.nbytes)} of {'pinned ' if self.store.pinned else ''}host RAM; "
+                f"{fmt_bytes(self.store.nbytes)} of {'pinned ' if self.store.pinned else ''}host RAM"
+                f"{', input embedding too' if self._host_embedding else ''}; "
                 f"{self.device} {str(self.dtype).removeprefix('torch.')}")
 
     # ---- generation ----

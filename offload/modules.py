@@ -3,6 +3,7 @@ layers fetch their int4 weight from the device cache on every call."""
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -64,3 +65,36 @@ def swap_linears(model: nn.Module, keys, provider) -> None:
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         setattr(parent, child, OffloadedLinear(key, old.in_features, old.out_features, old.bias is not None, provider))
+
+
+class HostEmbedding(nn.Module):
+    """nn.Embedding whose table stays in host RAM; each call gathers the rows it needs there and
+    copies only those ([B, T, D], a few KiB per decode step) to the device. A 32B model's table is
+    1.56 GB that the device cache gets instead."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx, device):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.device = torch.device(device)
+        # [V, D] on the cpu, set by the engine. A plain attribute, not a parameter, so that
+        # model.to(device) leaves it where it is.
+        self.table = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids long [B, T] -> [B, T, D] on the device
+        return F.embedding(ids.cpu(), self.table, self.padding_idx).to(self.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, on host"
+
+
+def swap_host_embedding(model: nn.Module, device) -> str | None:
+    """Replace the input embedding with a HostEmbedding if it is a plain nn.Embedding (subclasses
+    such as scaled embeddings stay as they are); -> its weight name, or None."""
+    old = model.get_input_embeddings()
+    if type(old) is not nn.Embedding:
+        return None
+    name = next(n for n, m in model.named_modules() if m is old)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, HostEmbedding(old.num_embeddings, old.embedding_dim, old.padding_idx, device))
+    return f"{name}.weight"

@@ -192,3 +192,41 @@ def test_cpu_fast_path_matches_reference(models, kind, cache):
     scale = exact.abs().max()
     assert (ours - exact).abs().max() <= 2 * (bf16 - exact).abs().max() + 1e-2 * scale
     assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_embedding_stays_in_host_ram(models, device):
+    # The embedding table is not a device parameter: its rows are gathered on the host and copied.
+    # (Token equality with the reference is covered by the tests above, which go through it.)
+    from offload.modules import HostEmbedding
+    model_dir, weights_dir = models["qwen2"]
+    with offload.load(model_dir, weights_dir, cache="full", device=device, dtype=torch.float32,
+                      progress=False) as engine:
+        emb = engine.model.get_input_embeddings()
+        assert isinstance(emb, HostEmbedding) and emb.table.device.type == "cpu"
+        assert not any("embed_tokens" in n for n, _ in engine.model.named_parameters())
+        ref = tiny.reference_model(model_dir, device)
+        ids = prompt_ids(device, batch=2)
+        assert torch.equal(emb(ids), ref.get_input_embeddings()(ids))
+        assert emb(ids).device == ids.device
+
+
+def test_embedding_subclasses_are_not_moved_to_the_host():
+    # e.g. Gemma's scaled embedding computes more than a row gather: it stays an ordinary device module
+    from offload.modules import swap_host_embedding
+
+    class Scaled(torch.nn.Embedding):
+        pass
+
+    class Model(torch.nn.Module):
+        def __init__(self, emb):
+            super().__init__()
+            self.emb = emb
+
+        def get_input_embeddings(self):
+            return self.emb
+
+    scaled = Model(Scaled(10, 4))
+    assert swap_host_embedding(scaled, "cpu") is None and type(scaled.emb) is Scaled
+    plain = Model(torch.nn.Embedding(10, 4))
+    assert swap_host_embedding(plain, "cpu") == "emb.weight" and type(plain.emb).__name__ == "HostEmbedding"

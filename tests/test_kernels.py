@@ -10,6 +10,7 @@ import torch
 from offload import quant
 from offload.kernels import (
     FORCE_TRITON_ENV, dequantize, dequantize_ref, fused_gemm, fused_gemv, gemm_ref, gemv_ref, int4_linear, int4_linear_ref,
+    int8_linear, int8_linear_ref,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,3 +153,44 @@ def test_rejects_mismatched_features():
     packed, scales, _ = make_weight(33, 300, "quantize")
     with pytest.raises(ValueError):
         int4_linear(make_x((1, 256), torch.bfloat16), packed, scales, 300)
+
+
+def make_int8_weight(n, k, block=128, seed=0):
+    """(qweight int8 [N, Kp], scales bf16 [N, Kp/block], fp32 W [N, K]): every byte value, padded columns too."""
+    g = torch.Generator().manual_seed(seed)
+    kp = quant.padded_k(k, block)
+    q = torch.randint(-128, 128, (n, kp), generator=g, dtype=torch.int8)
+    scales = (torch.rand(n, kp // block, generator=g) * 0.02 + 0.005).to(torch.bfloat16)
+    w = (q.float().view(n, kp // block, block) * scales.float()[:, :, None]).view(n, kp)[:, :k]
+    return q.to(DEVICE), scales.to(DEVICE), w.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 16, 40])  # 40: chunked dequantize + F.linear
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_int8_linear(n, k, m, with_bias, dtype):
+    q, scales, w = make_int8_weight(n, k)
+    x = make_x((2, m // 2, k) if m % 2 == 0 else (m, k), dtype)
+    bias = make_bias(n) if with_bias else None
+    out = int8_linear(x, q, scales, k, bias, chunk_elems=4096)
+    assert out.shape == (*x.shape[:-1], n)
+    assert_close(out.reshape(-1, n), reference(x.reshape(-1, k), w, bias), dtype)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_int8_gemv_split_k_poisoned_out(m, split_k):
+    q, scales, w = make_int8_weight(33, 300)
+    x = make_x((m, 300), torch.bfloat16)
+    out = poisoned((m, 33), torch.bfloat16)
+    assert fused_gemv(x, q, scales, 300, make_bias(33), out=out, split_k=split_k, bits=8) is out
+    assert_close(out, reference(x, w, make_bias(33)), torch.bfloat16)
+
+
+def test_int8_references_and_format():
+    q, scales, w = make_int8_weight(33, 300)
+    x, bias = make_x((5, 300), torch.float32), make_bias(33)
+    assert_close(int8_linear_ref(x, q, scales, 300, bias, chunk_elems=256), reference(x, w, bias), torch.float32)
+    with pytest.raises(ValueError):
+        fused_gemv(make_x((1, 300), torch.bfloat16), q, scales, 300, bits=4)  # int8 bytes called int4

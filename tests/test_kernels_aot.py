@@ -61,7 +61,8 @@ def _label(r):
 def test_every_arch_and_kernel_compiled(compiled):
     kept = {(r["arch"], r["kernel"]) for r in compiled if r["kept"]}
     kernels = {r["kernel"] for r in compiled}
-    assert kernels >= {"gemv[M<=1]", "gemv[M<=2]", "gemv[M<=16]", "splitk_reduce", "gemm", "dequant"}
+    assert kernels >= {"gemv[M<=1]", "gemv[M<=2]", "gemv[M<=16]", "gemv-int8[M<=1]", "gemv-int8[M<=2]",
+                       "gemv-int8[M<=16]", "splitk_reduce", "gemm", "dequant"}
     for arch in ARCHS:
         for kernel in kernels:
             assert (arch, kernel) in kept, f"no config of {kernel} kept for sm_{arch}"

@@ -152,3 +152,27 @@ def test_defaults_are_the_measured_choice(llama, tmp_path):
     m = WeightsDir(quantize_model(llama[0], tmp_path / "w", progress=False)).manifest
     assert (m["method"], m["lm_head"]) == ("mse", "int8")
     assert m["tensors"]["lm_head.weight"]["quant"] == "int8"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_module_kernel_and_cpu_copy_match_the_reference(monkeypatch, dtype):
+    # The cpu path multiplies by a once-dequantized copy; the fused int8 kernel (on cuda, or forced
+    # onto the interpreter without a GPU) reads the int8 bytes. Both against x @ dequantize(W).T.
+    from offload.kernels import FORCE_TRITON_ENV
+    g = torch.Generator().manual_seed(0)
+    n, k = 40, 300  # K not a multiple of the block
+    q, s = int8.quantize(torch.randn(n, k, generator=g))
+    bias = torch.rand(n, generator=g)
+    lin = int8.Int8Linear(k, n, bias=True)
+    lin.load_state_dict({"qweight": q, "scales": s, "bias": bias}, assign=True)
+    x = torch.randn(2, 3, k, generator=g).to(dtype)
+    want = x.float() @ int8.dequantize(q, s, (n, k)).t() + bias
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    torch.testing.assert_close(lin(x).float(), want, **tol)
+    if torch.cuda.is_available():
+        lin, x = lin.cuda(), x.cuda()
+    else:
+        monkeypatch.setenv(FORCE_TRITON_ENV, "1")
+    got = lin(x)
+    assert got.dtype == dtype and got.device == x.device
+    torch.testing.assert_close(got.float().cpu(), want, **tol)
