@@ -425,10 +425,8 @@ class Sweep:
         say(ceilings_mod.describe(self.ceil))
         say(f"writing {self.out}")
         say(HEADER)
-        for spec in self.caches:
-            for fmt in self.formats:
-                for policy in self.policies:
-                    self.run_ours(spec, policy, fmt)
+        for fmt in self.formats:
+            self.run_format(fmt)
         if "seed" in self.peers:
             self.run_seed()
         if "accelerate" in self.peers:
@@ -446,40 +444,55 @@ class Sweep:
         return title_of(self.common())
 
     # ---- our engine
-    def run_ours(self, spec, policy, fmt) -> None:
+    def run_format(self, fmt) -> None:
+        """Every (cache, policy) row of one cache format: one load (the host store is built once),
+        then Engine.replan for each further row."""
         a = self.args
-        base = dict(self.common(), cache_spec=spec, policy=policy, cache_format=fmt)
+        engine = None
         try:
-            engine = offload.load(self.config, self.weights, cache=spec, policy=policy, device=self.device,
-                                  dtype=self.dtype, cache_format=fmt, device_memory=self.device_memory, progress=False)
-        except Exception as e:  # noqa: BLE001 - a row that cannot run is reported, the sweep goes on
-            if self.args.debug:
-                raise
-            for batch in self.batches:
-                self.add(dict(base, batch=batch, note=f"load failed: {one_line(e)}"))
-            return
-        try:
-            say(f"  {engine.memory_plan()}")
-            st0 = engine.stats
-            if fmt == "int4" or spec not in self.budgets:
-                self.budgets[spec] = (st0["cache_budget_bytes"], st0.get("cache_budget_entries"))
-            for batch in self.batches:
-                row = dict(base, batch=batch, cache_bytes=st0["cache_budget_bytes"], model_bytes=st0["model_bytes"])
-                try:
-                    st, tokens = measure(engine.model, self.prompts[batch], a.new_tokens, a.warmup_tokens, a.reps,
-                                         engine.reset_stats, lambda: engine.stats, self.pad)
-                except Exception as e:  # noqa: BLE001
-                    if self.args.debug:
-                        raise
-                    self.add(dict(row, note=f"failed: {one_line(e)}"))
-                    continue
-                row.update(self.our_fields(st, batch, engine.cache.model_bytes))
-                self.tokens[id(row)] = tokens
-                self.add(row)
+            for spec in self.caches:
+                for policy in self.policies:
+                    base = dict(self.common(), cache_spec=spec, policy=policy, cache_format=fmt)
+                    try:
+                        if engine is None:
+                            engine = offload.load(self.config, self.weights, cache=spec, policy=policy,
+                                                  device=self.device, dtype=self.dtype, cache_format=fmt,
+                                                  device_memory=self.device_memory, progress=False)
+                        else:
+                            engine.replan(spec, policy)
+                    except Exception as e:  # noqa: BLE001 - a row that cannot run is reported, the sweep goes on
+                        if a.debug:
+                            raise
+                        if engine is not None and not isinstance(e, OffloadError):
+                            engine.close()  # in an unknown state: load afresh for the next row
+                            engine = None
+                        for batch in self.batches:
+                            self.add(dict(base, batch=batch, note=f"load failed: {one_line(e)}"))
+                        continue
+                    self.run_rows(engine, base, spec, fmt)
         finally:
-            engine.close()
-            del engine
-            free_memory(self.device)
+            if engine is not None:
+                engine.close()
+
+    def run_rows(self, engine, base, spec, fmt) -> None:
+        a = self.args
+        say(f"  {engine.memory_plan()}")
+        st0 = engine.stats
+        if fmt == "int4" or spec not in self.budgets:
+            self.budgets[spec] = (st0["cache_budget_bytes"], st0.get("cache_budget_entries"))
+        for batch in self.batches:
+            row = dict(base, batch=batch, cache_bytes=st0["cache_budget_bytes"], model_bytes=st0["model_bytes"])
+            try:
+                st, tokens = measure(engine.model, self.prompts[batch], a.new_tokens, a.warmup_tokens, a.reps,
+                                     engine.reset_stats, lambda: engine.stats, self.pad)
+            except Exception as e:  # noqa: BLE001
+                if a.debug:
+                    raise
+                self.add(dict(row, note=f"failed: {one_line(e)}"))
+                continue
+            row.update(self.our_fields(st, batch, engine.cache.model_bytes))
+            self.tokens[id(row)] = tokens
+            self.add(row)
 
     def our_fields(self, st: dict, batch: int, read_bytes: int) -> dict:
         # read_bytes: what the matmuls read per step, every cached matrix in the cache format's bytes

@@ -12,7 +12,7 @@ from .errors import OffloadError
 from .formats import make_format
 from .host import HostStore, check_ram
 from .int8 import swap_int8_linears
-from .modules import empty_model, linear_modules, swap_host_embedding, swap_linears
+from .modules import OffloadedLinear, empty_model, linear_modules, swap_host_embedding, swap_linears
 from .prefetch import Prefetcher
 from .quant import padded_k
 from .store import TensorInfo, WeightsDir
@@ -106,11 +106,7 @@ class Engine:
         order = [f"{name}.weight" for name in linear_modules(model) if f"{name}.weight" in streamed]
         self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress,
                                             repack=self.fmt if hasattr(self.fmt, "write_host") else None)
-        sizes = {k: self.fmt.slot_nbytes(e) for k, e in self.store.entries.items()}
-        auto = self._auto_budget(sizes, small_device_bytes) if self.device.type == "cuda" else None
-        budget = parse_budget(cache, sizes, auto)
-        self.cache = DeviceCache(sizes, budget, policy)
-        self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device)
+        self._plan(cache, policy, small_device_bytes)
         self._closed = False
         atexit.register(self.close)  # stop the thread and unpin host memory before the interpreter goes
 
@@ -139,6 +135,35 @@ class Engine:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         return tokenizer
+
+    def _plan(self, cache, policy, small_device_bytes: int) -> None:
+        """A device cache for `cache`/`policy` and the prefetcher serving it; small_device_bytes:
+        what is still to be loaded on the device besides the cache."""
+        sizes = {k: self.fmt.slot_nbytes(e) for k, e in self.store.entries.items()}
+        auto = self._auto_budget(sizes, small_device_bytes) if self.device.type == "cuda" else None
+        self.cache = DeviceCache(sizes, parse_budget(cache, sizes, auto), policy)
+        self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device)
+        self._plan_args = (cache, policy)
+
+    def replan(self, cache="auto", policy="pin") -> None:
+        """Change the cache budget and policy in place, keeping the host store and the loaded model
+        (a sweep over cache sizes loads once). The next forward records the layer order again."""
+        if self._closed:
+            raise OffloadError("the engine is closed")
+        old = self._plan_args
+        self.prefetcher.close()  # frees every slot
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # so that an "auto" budget sees the freed memory
+        try:
+            self._plan(cache, policy, 0)  # the small tensors are on the device already
+        except OffloadError:
+            self._plan(*old, 0)
+            raise
+        finally:
+            for module in self.model.modules():
+                if isinstance(module, OffloadedLinear):
+                    module._provider = self.prefetcher
+        self.reset_stats()
 
     def _auto_budget(self, sizes, small_device_bytes: int) -> int:
         free, _total = torch.cuda.mem_get_info(self.device)
@@ -172,7 +197,9 @@ class Engine:
 
     # ---- stats ----
     def reset_stats(self) -> None:
-        """Zero the timing and traffic counters (the cache keeps what it holds)."""
+        """Zero the timing and traffic counters and the device's peak-memory mark (the cache keeps what it holds)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.timer.reset()
         self._h2d = {"prefill": 0, "decode": 0}  # bytes copied in during each phase's passes
         self._counters0 = (self.cache.hits, self.cache.misses)

@@ -230,3 +230,32 @@ def test_embedding_subclasses_are_not_moved_to_the_host():
     assert swap_host_embedding(scaled, "cpu") is None and type(scaled.emb) is Scaled
     plain = Model(torch.nn.Embedding(10, 4))
     assert swap_host_embedding(plain, "cpu") == "emb.weight" and type(plain.emb).__name__ == "HostEmbedding"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replan_changes_budget_and_policy_in_place(models, device):
+    # What a fresh load with the new budget and policy does, without reloading the host store.
+    model_dir, weights_dir = models["llama"]
+    ref = tiny.reference_model(model_dir, device)
+    ids = prompt_ids(device)
+    expected = greedy(ref, ids)
+    with offload.load(model_dir, weights_dir, cache="full", device=device, dtype=torch.float32,
+                      progress=False) as engine:
+        store = engine.store
+        assert torch.equal(greedy(engine.model, ids), expected)
+        assert engine.stats["h2d_bytes_per_token"] == 0
+        for cache, policy in [("50%", "lru"), (minimal_budget(weights_dir), "pin"), ("50%", "pin")]:
+            engine.replan(cache, policy)
+            assert engine.store is store and engine.cache.policy == policy and engine.cache.resident_bytes == 0
+            assert torch.equal(greedy(engine.model, ids), expected)
+            stats = engine.stats
+            assert stats["decode_tokens"] == NEW_TOKENS - 1
+            if policy == "lru":
+                assert stats["h2d_bytes_per_token"] == stats["model_bytes"]
+            else:
+                assert stats["h2d_bytes_per_token"] == stats["streamed_bytes_per_token"] > 0
+        plan = engine.memory_plan()
+        with pytest.raises(OffloadError, match="budget|cache"):
+            engine.replan("1B", "pin")  # below one entry: refused, the previous plan stays
+        assert engine.memory_plan() == plan
+        assert torch.equal(greedy(engine.model, ids), expected)
