@@ -4,11 +4,13 @@ For each weight (N x K) and activation rows M, three ways to compute y = x @ W.T
   bf16 linear     F.linear on a bf16 copy of the weight (cuBLAS; reads 2 B/param)
   dequant+linear  offload.kernels.dequantize into a bf16 buffer, then F.linear
   fused int4      offload.kernels.int4_linear (gemv for M <= 16, gemm above)
+and for the output projection also
+  fused int8      offload.kernels.int8_linear on the int8 format of `--lm-head int8` (the default)
 Times are CUDA-event medians with L2 flushed before every call (the engine streams weights, so
 nothing is hot in L2), after warm-up calls that also run the autotuner. GB/s is the int4 bytes of
 the weight (packed + scales) divided by the time, for every column, so columns compare as "how fast
-would this read our int4 matrix"; frac_bw divides that by the measured device-to-device copy
-bandwidth (bytes read + written). TFLOP/s is 2*M*N*K / time.
+would this read our int4 matrix" (the int8 row: its own int8 bytes + scales); frac_bw divides that by
+the measured device-to-device copy bandwidth (bytes read + written). TFLOP/s is 2*M*N*K / time.
 
     python benchmarks/bench_kernels.py [--m 1 4 16 256 2048] [--reps 50]
 Prints a table and writes benchmarks/results/<device-name>-kernels.csv.
@@ -23,12 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+LM_HEAD = "lm_head 152064x5120"
 SHAPES = {  # name: (N, K)
     "attn_o 5120x5120": (5120, 5120),
     "attn_kv 1024x5120": (1024, 5120),
     "mlp_up 27648x5120": (27648, 5120),
     "mlp_down 5120x27648": (5120, 27648),
-    "lm_head 152064x5120": (152064, 5120),
+    LM_HEAD: (152064, 5120),
 }
 MLP_SHAPES = ("mlp_up 27648x5120", "mlp_down 5120x27648")
 L2_FLUSH_BYTES = 256 << 20
@@ -77,8 +80,14 @@ def print_row(r):
           f"{r['frac_bw']:8.2f} {r['TFLOPs']:8.1f} {r['speedup_vs_bf16']:7.2f}x {r['max_rel_err']:>9s}")
 
 
+def random_int8(n: int, k: int):
+    """int8 [N, K] of random values in [-127, 127] and positive bf16 scales [N, K/128]."""
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    return q, (torch.rand(n, k // 128, device="cuda") * 0.001 + 0.0001).to(torch.bfloat16)
+
+
 def run(ms, reps):
-    from offload.kernels import dequantize, int4_linear
+    from offload.kernels import dequantize, int4_linear, int8_linear
 
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     copy_bw = copy_bandwidth(reps, flush)
@@ -89,6 +98,7 @@ def run(ms, reps):
         packed, scales, w_bf16 = random_int4(n, k)
         int4_bytes = packed.numel() + 2 * scales.numel()
         scratch = torch.empty_like(w_bf16)
+        int8_weight = random_int8(n, k) if name == LM_HEAD else None
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x, w_bf16).float()
@@ -98,9 +108,13 @@ def run(ms, reps):
                 "dequant+linear": lambda: F.linear(x, dequantize(packed, scales, k, out=scratch)),
                 "fused int4": lambda: int4_linear(x, packed, scales, k),
             }
+            weight_bytes = dict.fromkeys(impls, int4_bytes)
+            if int8_weight is not None:
+                impls["fused int8"] = lambda: int8_linear(x, *int8_weight, k)
+                weight_bytes["fused int8"] = int8_weight[0].numel() + 2 * int8_weight[1].numel()
             times = {impl: time_us(fn, reps, flush) for impl, fn in impls.items()}
             for impl, us in times.items():
-                gbps = int4_bytes / (us * 1e-6) / 1e9
+                gbps = weight_bytes[impl] / (us * 1e-6) / 1e9
                 rows.append({
                     "shape": name, "N": n, "K": k, "M": m, "impl": impl, "us": round(us, 2),
                     "int4_GBps": round(gbps, 1), "frac_bw": round(gbps * 1e9 / copy_bw, 3),
@@ -109,7 +123,7 @@ def run(ms, reps):
                     "max_rel_err": f"{err:.2e}" if impl == "fused int4" else "",
                 })
                 print_row(rows[-1])
-        del packed, scales, w_bf16, scratch
+        del packed, scales, w_bf16, scratch, int8_weight
         torch.cuda.empty_cache()
     return rows, copy_bw
 

@@ -11,7 +11,7 @@ What the tensors hold (seeded, never all zeros):
 - embeddings: N(0, 0.02); norms: 1 + N(0, 0.05); biases: N(0, 0.02); all in bf16 like a real checkpoint.
 
 Generating 16 GB of random bytes per load would take minutes (torch.randint on uint8 runs at ~0.2 GB/s on
-a CPU core) and every (cache, policy) row of a sweep loads the model again. So the bytes come from seeded
+a CPU core) and the peers load the model again. So the bytes come from seeded
 random pools (64 MiB of packed bytes, 16 Mi scales, 16 Mi embedding values) and each tensor is a strided
 window of a pool at a per-tensor pseudo-random offset: rows are distinct windows (shifted copies where the
 tensor is larger than the pool), and a load costs one memcpy into the host store. Timing does not depend on

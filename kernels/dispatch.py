@@ -36,17 +36,20 @@ def _use_triton(x: torch.Tensor) -> bool:
     return True
 
 
-def int4_linear(x, packed, scales, in_features, bias=None):
-    """x [..., K] @ dequant(packed, scales)[:, :K].T (+ bias) -> [..., N] in x.dtype."""
+def _rows(x, weight, scales, in_features):
+    """x [..., K] -> x2 [M, K] with unit stride along K, after checking it against the weight."""
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
-    if packed.device != x.device or scales.device != x.device:
-        raise ValueError(f"x on {x.device}, weight on {packed.device}/{scales.device}")
-    lead, n = x.shape[:-1], packed.shape[0]
-    x2 = x.reshape(-1, in_features)  # [M, K]
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
+    if weight.device != x.device or scales.device != x.device:
+        raise ValueError(f"x on {x.device}, weight on {weight.device}/{scales.device}")
+    x2 = x.reshape(-1, in_features)
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+def int4_linear(x, packed, scales, in_features, bias=None):
+    """x [..., K] @ dequant(packed, scales)[:, :K].T (+ bias) -> [..., N] in x.dtype."""
+    x2 = _rows(x, packed, scales, in_features)  # [M, K]
+    lead, n, m = x.shape[:-1], packed.shape[0], x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
 
@@ -71,13 +74,8 @@ def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24)
     position's logits) reads the int8 bytes once in the fused kernel; larger M dequantizes
     `chunk_elems` weights at a time into x.dtype for F.linear, so the transient stays small.
     """
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
-    lead, n = x.shape[:-1], qweight.shape[0]
-    x2 = x.reshape(-1, in_features)  # [M, K]
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
+    x2 = _rows(x, qweight, scales, in_features)  # [M, K]
+    lead, n, m = x.shape[:-1], qweight.shape[0], x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
     group = qweight.shape[1] // scales.shape[1]
