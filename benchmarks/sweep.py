@@ -554,40 +554,50 @@ class Sweep:
             return None
         return self.budgets[spec]
 
-    def run_seed(self) -> None:
-        from baselines import seed
+    def run_peer(self, peer: str, make) -> None:
+        """Measure a peer at every cache spec and batch; make(budget) -> (peer object, cache description)
+        builds it for one budget, (bytes, entries or None) as our engine resolved that spec."""
         a = self.args
         new_tokens, reps = a.peer_new_tokens or a.new_tokens, a.peer_reps or a.reps
+        for spec in self.caches:
+            budget = self.peer_budget(peer, spec)
+            if budget is None:
+                continue
+            model = None
+            try:
+                model, desc = make(budget)
+                say(f"  {model.describe()}")
+                for batch in self.batches:
+                    st, tokens = measure(model.model, self.prompts[batch], new_tokens, a.warmup_tokens, reps,
+                                         model.reset_stats, lambda: model.stats, self.pad)
+                    self.peer_result(peer, spec, batch, desc, st, tokens)
+            except Exception as e:  # noqa: BLE001
+                if a.debug:
+                    raise
+                self.peer_note(peer, spec, f"failed: {one_line(e)}")
+            finally:
+                if model is not None:
+                    model.close()
+                del model
+                free_memory(self.device)
+
+    def run_seed(self) -> None:
+        from baselines import seed
         try:
             store = seed.build_store(self.config, self.weights, self.device)
         except OffloadError as e:
             for spec in self.caches:
                 self.peer_note("seed", spec, f"skipped: {one_line(e)}")
             return
+
+        def make(budget):
+            nbytes, entries = budget
+            entries = entries if entries is not None else seed.entries_for_budget(nbytes, store)
+            peer = seed.SeedPeer(self.config, self.weights, store, entries, self.device, self.dtype)
+            return peer, f"{peer.entries} entries"
+
         try:
-            for spec in self.caches:
-                budget = self.peer_budget("seed", spec)
-                if budget is None:
-                    continue
-                nbytes, entries = budget
-                entries = entries if entries is not None else seed.entries_for_budget(nbytes, store)
-                peer = None
-                try:
-                    peer = seed.SeedPeer(self.config, self.weights, store, entries, self.device, self.dtype)
-                    say(f"  {peer.describe()}")
-                    for batch in self.batches:
-                        st, tokens = measure(peer.model, self.prompts[batch], new_tokens, a.warmup_tokens, reps,
-                                             peer.reset_stats, lambda: peer.stats, self.pad)
-                        self.peer_result("seed", spec, batch, f"{peer.entries} entries", st, tokens)
-                except Exception as e:  # noqa: BLE001
-                    if self.args.debug:
-                        raise
-                    self.peer_note("seed", spec, f"failed: {one_line(e)}")
-                finally:
-                    if peer is not None:
-                        peer.close()
-                    del peer
-                    free_memory(self.device)
+            self.run_peer("seed", make)
         finally:
             store.close()
             del store
@@ -595,37 +605,19 @@ class Sweep:
 
     def run_accelerate(self) -> None:
         from baselines import accelerate_peer as acc
-        a = self.args
-        new_tokens, reps = a.peer_new_tokens or a.new_tokens, a.peer_reps or a.reps
         try:
             host = acc.DenseHostModel(self.config, self.weights, self.dtype, self.device)
         except acc.Skip as e:
             for spec in self.caches:
                 self.peer_note("accelerate", spec, f"skipped: {e}")
             return
+        desc = "max_memory {}" if self.device.type == "cuda" else "all in RAM"
+
+        def make(budget):
+            return acc.AcceleratePeer(host, budget[0], self.device), desc.format(short_bytes(budget[0]))
+
         try:
-            for spec in self.caches:
-                budget = self.peer_budget("accelerate", spec)
-                if budget is None:
-                    continue
-                peer = None
-                try:
-                    peer = acc.AcceleratePeer(host, budget[0], self.device)
-                    say(f"  {peer.describe()}")
-                    desc = f"max_memory {short_bytes(budget[0])}" if self.device.type == "cuda" else "all in RAM"
-                    for batch in self.batches:
-                        st, tokens = measure(peer.model, self.prompts[batch], new_tokens, a.warmup_tokens, reps,
-                                             peer.reset_stats, lambda: peer.stats, self.pad)
-                        self.peer_result("accelerate", spec, batch, desc, st, tokens)
-                except Exception as e:  # noqa: BLE001
-                    if self.args.debug:
-                        raise
-                    self.peer_note("accelerate", spec, f"failed: {one_line(e)}")
-                finally:
-                    if peer is not None:
-                        peer.close()
-                    del peer
-                    free_memory(self.device)
+            self.run_peer("accelerate", make)
         finally:
             del host
             free_memory(self.device)
