@@ -26,10 +26,16 @@ from .dequant import dequantize, dequantize_ref
 FORCE_TRITON_ENV = "OFFLOAD_FORCE_TRITON"
 
 
-def _use_triton(x: torch.Tensor) -> bool:
+def triton_forced() -> bool:
+    """OFFLOAD_FORCE_TRITON=1, for tests only: the Triton kernels also take cpu tensors (interpreted)."""
+    return os.environ.get(FORCE_TRITON_ENV) == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether a product with activations `x` runs the Triton kernels (cuda, or forced) or torch code."""
     if x.is_cuda:
         return True
-    if os.environ.get(FORCE_TRITON_ENV) != "1":
+    if not triton_forced():
         return False
     if not INTERPRET:
         raise RuntimeError(f"{FORCE_TRITON_ENV}=1 on a CPU tensor needs TRITON_INTERPRET=1 set before import")
@@ -53,7 +59,7 @@ def int4_linear(x, packed, scales, in_features, bias=None):
     if m == 0:
         return x.new_empty(*lead, n)
 
-    if not _use_triton(x):
+    if not use_triton(x):
         out = int4_linear_ref(x2, packed, scales, in_features, bias)
     else:
         group = 2 * packed.shape[1] // scales.shape[1]
@@ -79,7 +85,7 @@ def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24)
     if m == 0:
         return x.new_empty(*lead, n)
     group = qweight.shape[1] // scales.shape[1]
-    if not _use_triton(x):
+    if not use_triton(x):
         out = int8_linear_ref(x2, qweight, scales, in_features, bias, chunk_elems)
     elif m <= _gemv.MAX_M and _gemv.supported_group(group):
         out = _gemv.fused_gemv(x2, qweight, scales, in_features, bias, bits=8)

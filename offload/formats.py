@@ -7,31 +7,14 @@
                   copy stream (the reference blog's design); F.linear computes. Slots are 4x larger.
 The budget counts the bytes each slot really holds (`slot_nbytes`).
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
-from . import quant
+from . import kernels, quant
 from .errors import OffloadError
+from .kernels import cpu_int4
 
 FORMATS = ("int4", "bf16")
-
-
-def force_triton() -> bool:
-    # Tests only: run the Triton kernels on cpu tensors (under TRITON_INTERPRET=1).
-    return os.environ.get("OFFLOAD_FORCE_TRITON") == "1"
-
-
-# Kernel modules are imported on first use: TRITON_INTERPRET must be set before they load.
-def _triton():
-    from . import kernels
-    return kernels
-
-
-def _cpu_int4():
-    from .kernels import cpu_int4
-    return cpu_int4
 
 
 class Int4Format:
@@ -51,8 +34,8 @@ class Int4Format:
 
     def linear(self, x: torch.Tensor, data, bias) -> torch.Tensor:  # x [..., K] -> [..., N]
         packed, scales, k = data
-        if x.is_cuda or force_triton():
-            return _triton().int4_linear(x, packed, scales, k, bias)
+        if kernels.use_triton(x):
+            return kernels.int4_linear(x, packed, scales, k, bias)
         w = quant.dequantize(packed, scales, (packed.shape[0], k), x.dtype)  # exact reference
         return F.linear(x, w, bias)
 
@@ -66,7 +49,7 @@ class CpuInt4Format(Int4Format):
     """
 
     def _geometry(self, shape):
-        np_, kc, group = _cpu_int4().geometry(*shape, self.block_size)
+        np_, kc, group = cpu_int4.geometry(*shape, self.block_size)
         scales_offset = -(-np_ * kc // 2 // 256) * 256
         return np_, kc, group, scales_offset
 
@@ -75,7 +58,7 @@ class CpuInt4Format(Int4Format):
         return scales_offset + (kc // group) * np_ * 4
 
     def write_host(self, raw: torch.Tensor, packed, scales, shape) -> None:
-        w = _cpu_int4().repack_for_cpu(packed, scales, shape[1])
+        w = cpu_int4.repack_for_cpu(packed, scales, shape[1])
         np_, kc, group, scales_offset = self._geometry(shape)
         raw[: w.int4pack.numel()].copy_(w.int4pack.view(-1))
         raw[scales_offset:].view(torch.bfloat16).copy_(w.scales_and_zeros.view(-1))
@@ -84,10 +67,10 @@ class CpuInt4Format(Int4Format):
         np_, kc, group, scales_offset = self._geometry(entry.shape)
         int4pack = raw[: np_ * kc // 2].view(np_, kc // 2)
         scales_and_zeros = raw[scales_offset:].view(torch.bfloat16).view(kc // group, np_, 2)
-        return _cpu_int4().CpuInt4Weight(int4pack, scales_and_zeros, group, entry.shape[1], entry.shape[0])
+        return cpu_int4.CpuInt4Weight(int4pack, scales_and_zeros, group, entry.shape[1], entry.shape[0])
 
     def linear(self, x: torch.Tensor, data, bias) -> torch.Tensor:
-        return _cpu_int4().cpu_int4_linear(x, data, bias)
+        return cpu_int4.cpu_int4_linear(x, data, bias)
 
 
 class Bf16Format:
@@ -104,7 +87,7 @@ class Bf16Format:
     def materialize(self, raw: torch.Tensor, entry):
         packed, scales = entry.views(raw, self.block_size)
         if raw.is_cuda:
-            return _triton().dequantize(packed, scales, entry.shape[1], dtype=self.dtype)  # [N, K]
+            return kernels.dequantize(packed, scales, entry.shape[1], dtype=self.dtype)  # [N, K]
         return quant.dequantize(packed, scales, entry.shape, self.dtype)
 
     def linear(self, x: torch.Tensor, w, bias) -> torch.Tensor:
@@ -116,7 +99,7 @@ def make_format(name: str, block_size: int, device: torch.device, dtype: torch.d
         raise OffloadError(f"unknown cache format {name!r} (choose from {', '.join(FORMATS)})")
     if name == "bf16":
         return Bf16Format(block_size, device, dtype)
-    if device.type == "cpu" and dtype == torch.bfloat16 and not force_triton() and block_size % 32 == 0:
-        if _cpu_int4().cpu_int4_available():
+    if device.type == "cpu" and dtype == torch.bfloat16 and not kernels.triton_forced() and block_size % 32 == 0:
+        if cpu_int4.cpu_int4_available():
             return CpuInt4Format(block_size, device, dtype)
     return Int4Format(block_size, device, dtype)

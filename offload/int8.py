@@ -9,14 +9,13 @@ An int8 (and a `--lm-head bf16`) output projection is not streamed through the c
 resident on the device in an `Int8Linear` (an unquantized one in a plain nn.Linear): the fused
 int8 decode kernel on a GPU, a once-dequantized copy on the CPU.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import quant
-from .kernels import FORCE_TRITON_ENV, int8_dequantize_ref, int8_linear
+from .modules import replace_module
+from .kernels import int8_dequantize_ref, int8_linear, use_triton
 
 QMAX8 = 127
 
@@ -59,7 +58,7 @@ class Int8Linear(nn.Module):
         self._dense = None  # CPU: the dequantized weight, in the activation dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
-        if x.is_cuda or os.environ.get(FORCE_TRITON_ENV) == "1":
+        if use_triton(x):
             return int8_linear(x, self.qweight, self.scales, self.in_features, self.bias)
         if self._dense is None or self._dense.dtype != x.dtype:
             self._dense = dequantize(self.qweight, self.scales, (self.out_features, self.in_features), x.dtype)
@@ -73,7 +72,5 @@ class Int8Linear(nn.Module):
 def swap_int8_linears(model: nn.Module, keys, block_size: int = quant.BLOCK_SIZE) -> None:
     """Replace the nn.Linear named in `keys` (weight names 'a.b.weight') with Int8Linear."""
     for key in keys:
-        parent_name, _, child = key.removesuffix(".weight").rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        setattr(parent, child, Int8Linear(old.in_features, old.out_features, old.bias is not None, block_size))
+        replace_module(model, key.removesuffix(".weight"),
+                       lambda old: Int8Linear(old.in_features, old.out_features, old.bias is not None, block_size))

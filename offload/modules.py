@@ -57,14 +57,18 @@ class OffloadedLinear(nn.Module):
         return f"{self.key}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def replace_module(model: nn.Module, name: str, make) -> None:
+    """Put make(old module) in place of the submodule called `name` ('a.b.c')."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, make(getattr(parent, child)))
+
+
 def swap_linears(model: nn.Module, keys, provider) -> None:
     """Replace the nn.Linear named in `keys` (weight names 'a.b.weight') with OffloadedLinear."""
     for key in keys:
-        module_name = key.removesuffix(".weight")
-        parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        setattr(parent, child, OffloadedLinear(key, old.in_features, old.out_features, old.bias is not None, provider))
+        replace_module(model, key.removesuffix(".weight"), lambda old: OffloadedLinear(
+            key, old.in_features, old.out_features, old.bias is not None, provider))
 
 
 class HostEmbedding(nn.Module):
@@ -94,7 +98,6 @@ def swap_host_embedding(model: nn.Module, device) -> str | None:
     if type(old) is not nn.Embedding:
         return None
     name = next(n for n, m in model.named_modules() if m is old)
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, HostEmbedding(old.num_embeddings, old.embedding_dim, old.padding_idx, device))
+    replace_module(model, name, lambda old: HostEmbedding(old.num_embeddings, old.embedding_dim, old.padding_idx,
+                                                          device))
     return f"{name}.weight"
