@@ -60,19 +60,12 @@ def _quantize(args) -> int:
     print(f"wrote {out}: {WeightsDir(out).describe()}", file=sys.stderr)
 
 
-# ---- offload-run ----
-def run_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="offload-run", description="Run an offloaded model: int4 weights in host RAM, "
-                                "streamed through a bounded device cache.")
+# ---- engine options shared by the commands that run a model (offload-run, offload-serve) ----
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model/weights positionals and the options that choose how the engine runs."""
     p.add_argument("model_dir", nargs="?", help="HF model dir (config, tokenizer)")
     p.add_argument("weights_dir", nargs="?", help="weights dir made by offload-quantize (default: model_dir)")
-    p.add_argument("--demo", action="store_true", help="prepare and run the built-in SmolLM2-135M-Instruct demo")
-    p.add_argument("--prompt", help="prompt text (without it, --chat reads turns from stdin)")
-    p.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, an interactive chat")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (64 for --demo)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--demo", action="store_true", help="the built-in SmolLM2-135M-Instruct demo model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="bfloat16",
                    help="bfloat16 (default: the fast int4 kernels, on cpu too) | float16 | float32 (on cpu: the exact "
@@ -81,9 +74,34 @@ def run_main(argv=None) -> int:
                    help="auto | full | N entries | size (12GiB, 500MiB) | share (25%%) (default auto)")
     p.add_argument("--policy", default="pin", help="pin (default) or lru")
     p.add_argument("--cache-format", default="int4", help="what the cache holds: int4 (default)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def open_engine(args):
+    """Load the engine that `add_engine_args`' options describe (preparing the demo model if asked)."""
+    from . import load
+    if args.demo:
+        from .demo import prepare
+        model_dir, weights_dir = prepare()
+    else:
+        model_dir, weights_dir = args.model_dir, args.weights_dir or args.model_dir
+    return load(model_dir, weights_dir, cache=args.cache, policy=args.policy, device=args.device, dtype=args.dtype,
+                cache_format=args.cache_format)
+
+
+# ---- offload-run ----
+def run_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="offload-run", description="Run an offloaded model: int4 weights in host RAM, "
+                                "streamed through a bounded device cache.")
+    add_engine_args(p)
+    p.add_argument("--prompt", help="prompt text (without it, --chat reads turns from stdin)")
+    p.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, an interactive chat")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (64 for --demo)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stats", action="store_true", help="print a throughput/cache/memory summary at the end")
     p.add_argument("--stats-json", metavar="FILE", help="write the stats as JSON")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     if args.demo:
         args.chat = True
@@ -104,22 +122,15 @@ def run_main(argv=None) -> int:
 def _run(args) -> int:
     import torch
     from transformers import TextStreamer
-    from . import load
     from .units import fmt_bytes
 
-    if args.demo:
-        from .demo import prepare
-        model_dir, weights_dir = prepare()
-    else:
-        model_dir, weights_dir = args.model_dir, args.weights_dir or args.model_dir
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
-    with load(model_dir, weights_dir, cache=args.cache, policy=args.policy, device=args.device, dtype=args.dtype,
-              cache_format=args.cache_format) as engine:
+    with open_engine(args) as engine:
         print(engine.memory_plan(), file=sys.stderr)
         if engine.tokenizer is None:
-            raise OffloadError(f"{weights_dir} has no tokenizer: offload-run needs one to read prompts")
+            raise OffloadError(f"{engine.weights.path} has no tokenizer: offload-run needs one to read prompts")
         streamer = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
         if args.prompt:
             engine.generate(args.prompt, args.max_new_tokens, chat=args.chat, streamer=streamer, **sampling)
