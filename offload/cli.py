@@ -1,8 +1,10 @@
 """Command line: offload-quantize and offload-run. Argument parsing, streaming output, one-line errors."""
 import argparse
 import json
+import os
 import sys
 import traceback
+from pathlib import Path
 
 from .errors import OffloadError
 
@@ -13,6 +15,18 @@ def _fail(prog: str, err: BaseException, debug: bool) -> int:
     msg = str(err) if isinstance(err, OffloadError) else f"{type(err).__name__}: {err}"
     print(f"{prog}: error: {msg.splitlines()[0] if msg else type(err).__name__}", file=sys.stderr)
     return 2 if isinstance(err, OffloadError) else 1
+
+
+def check_output_path(path, flag: str) -> None:
+    """Fail now, not after a long run, if the file `flag` names cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OffloadError(f"{flag} {path} is a directory")
+    if not parent.is_dir():
+        raise OffloadError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise OffloadError(f"{flag} {path} is not writable")
 
 
 def _run_guarded(prog: str, fn, args) -> int:
@@ -74,6 +88,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto | full | N entries | size (12GiB, 500MiB) | share (25%%) (default auto)")
     p.add_argument("--policy", default="pin", help="pin (default) or lru")
     p.add_argument("--cache-format", default="int4", help="what the cache holds: int4 (default)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of each weight shard while it loads")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -86,7 +102,7 @@ def open_engine(args):
     else:
         model_dir, weights_dir = args.model_dir, args.weights_dir or args.model_dir
     return load(model_dir, weights_dir, cache=args.cache, policy=args.policy, device=args.device, dtype=args.dtype,
-                cache_format=args.cache_format)
+                cache_format=args.cache_format, verify=not getattr(args, "no_verify", False))
 
 
 # ---- offload-run ----
@@ -116,7 +132,26 @@ def run_main(argv=None) -> int:
         p.error("--max-new-tokens must be >= 1")
     if not args.prompt and not args.chat:
         p.error("give --prompt TEXT, or --chat for an interactive chat")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     return _run_guarded("offload-run", _run, args)
+
+
+def _check_run_inputs(args) -> None:
+    """What can be checked before the weights are loaded."""
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OffloadError("--prompt is not valid UTF-8 text") from None
+    if args.stats_json:
+        check_output_path(args.stats_json, "--stats-json")
+    if not args.demo:
+        dirs = [Path(d) for d in (args.model_dir, args.weights_dir) if d]
+        if not any((d / "tokenizer_config.json").exists() for d in dirs):
+            raise OffloadError(f"no tokenizer in {' or '.join(map(str, dirs))}: offload-run needs one to read prompts")
 
 
 def _run(args) -> int:
@@ -124,6 +159,7 @@ def _run(args) -> int:
     from transformers import TextStreamer
     from .units import fmt_bytes
 
+    _check_run_inputs(args)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}

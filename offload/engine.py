@@ -2,20 +2,22 @@
 parameters, and wire store -> cache -> prefetcher -> modules. `load()` is the public entry point."""
 import atexit
 import importlib.util
+import json
+import threading
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
-from .cache import DeviceCache, parse_budget
+from .cache import POLICIES, DeviceCache, parse_budget
 from .errors import OffloadError
 from .formats import make_format
-from .host import HostStore, check_ram
+from .host import HostStore, check_ram, layout
 from .int8 import swap_int8_linears
 from .modules import OffloadedLinear, empty_model, linear_modules, swap_host_embedding, swap_linears
 from .prefetch import Prefetcher
 from .quant import padded_k
-from .store import TensorInfo, WeightsDir
+from .store import TensorInfo, WeightsDir, check_no_custom_code, regular_file
 from .timing import PassTimer
 from .units import fmt_bytes
 
@@ -67,24 +69,31 @@ def _kv_bytes_per_token(config, dtype) -> int:
 
 
 class Engine:
-    """An offloaded HF causal LM. Use `offload.load(...)` to make one; close it (or use `with`)."""
+    """An offloaded HF causal LM. Use `offload.load(...)` to make one; close it (or use `with`).
+
+    `generate` may be called from several threads: a lock runs one call at a time (the prefetcher
+    streams for one sequence of forward passes). Calling `engine.model` directly is not locked.
+    """
 
     def __init__(self, model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None,
-                 cache_format="int4", device_memory=None, progress=True):
+                 cache_format="int4", device_memory=None, progress=True, verify=True):
         self._closed = True
+        self._generate_lock = threading.Lock()
         self.device_memory = device_memory
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         # weights_dir may also be an object with WeightsDir's interface (benchmarks' synthetic weights),
         # and model_dir a PretrainedConfig: then there are no side files to read.
-        self.weights = weights_dir if hasattr(weights_dir, "iter_read") else WeightsDir(weights_dir)
+        self.weights = weights_dir if hasattr(weights_dir, "iter_read") else WeightsDir(weights_dir, verify)
         if isinstance(model_dir, PretrainedConfig):
             config_dir, self.config = None, model_dir
         else:
             config_dir = Path(model_dir) if model_dir is not None else self.weights.path
             if not (config_dir / "config.json").exists():
                 raise OffloadError(f"{config_dir} has no config.json")
-            self.config = AutoConfig.from_pretrained(config_dir)
+            check_no_custom_code(config_dir)
+            regular_file(config_dir / "config.json", "config")
+            self.config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
         self.fmt = make_format(cache_format, self.weights.block_size, self.device, self.dtype)
 
         attn = "sdpa"
@@ -101,9 +110,13 @@ class Engine:
         small_device_bytes = sum(_device_nbytes(t, self.dtype, self.weights.block_size)
                                  for n, t in small.items() if n != self._host_embedding)
 
+        side_dirs = [d for d in (config_dir, self.weights.path) if d is not None]
+        self.tokenizer = self._load_tokenizer(side_dirs)
+
         # registration order: usually the execution order, so the plan made now rarely changes
         # once the first forward has recorded the real one
         order = [f"{name}.weight" for name in linear_modules(model) if f"{name}.weight" in streamed]
+        self._check_plan(order, cache, policy)
         self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress,
                                             repack=self.fmt if hasattr(self.fmt, "write_host") else None)
         self._plan(cache, policy, small_device_bytes)
@@ -115,12 +128,10 @@ class Engine:
                           self.weights.block_size)
         self._load_small(model, small)
         model.eval()
-        side_dirs = [d for d in (config_dir, self.weights.path) if d is not None]
         gen_dir = next((d for d in side_dirs if (d / "generation_config.json").exists()), None)
         if gen_dir is not None:
             model.generation_config = GenerationConfig.from_pretrained(gen_dir)
         self.model = model
-        self.tokenizer = self._load_tokenizer(side_dirs)
         self._small_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.timer = PassTimer(model, self.device, before=self._before_pass, after=self._after_pass)
         self.reset_stats()
@@ -130,11 +141,34 @@ class Engine:
         tok_dir = next((d for d in side_dirs[::-1] if (d / "tokenizer_config.json").exists()), None)
         if tok_dir is None:
             return None
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        check_no_custom_code(tok_dir)
+        tok_json = tok_dir / "tokenizer.json"
+        if tok_json.exists():
+            try:
+                json.loads(regular_file(tok_json, "tokenizer file").read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise OffloadError(f"tokenizer file {tok_json} is corrupt ({type(e).__name__})") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise OffloadError(f"cannot load the tokenizer in {tok_dir}: {str(e).splitlines()[0] if str(e) else e!r}") from e
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         return tokenizer
+
+    def _check_plan(self, order, cache, policy) -> None:
+        """Policy and budget from the manifest's shapes, before the host store is filled (minutes
+        on a large model): a budget smaller than one entry fails here, not after the load."""
+        if policy not in POLICIES:
+            raise OffloadError(f"unknown cache policy {policy!r} (choose from {', '.join(POLICIES)})")
+        if str(cache).strip() == "auto":
+            return  # sized from free device memory once the rest is loaded
+        shapes = {k: self.weights.tensors[k].shape for k in order}
+        entries, _ = layout(shapes, self.weights.block_size, getattr(self.fmt, "host_nbytes", None)
+                            if hasattr(self.fmt, "write_host") else None)
+        sizes = {k: self.fmt.slot_nbytes(e) for k, e in entries.items()}
+        DeviceCache(sizes, parse_budget(cache, sizes), policy)
 
     def _plan(self, cache, policy, small_device_bytes: int) -> None:
         """A device cache for `cache`/`policy` and the prefetcher serving it; small_device_bytes:
@@ -274,12 +308,16 @@ class Engine:
         if self._closed:
             raise OffloadError("the engine is closed")
         enc = self.encode(prompts, chat)
+        context = getattr(self.config, "max_position_embeddings", None)
+        if context is not None and enc["input_ids"].shape[1] + max_new_tokens > context:
+            raise OffloadError(f"the prompt ({enc['input_ids'].shape[1]} tokens) + {max_new_tokens} new tokens is "
+                               f"longer than the model's context ({context} tokens)")
         generate_kwargs.setdefault("do_sample", False)
         if not generate_kwargs["do_sample"]:
             generate_kwargs.setdefault("temperature", None)
             generate_kwargs.setdefault("top_p", None)
             generate_kwargs.setdefault("top_k", None)
-        with torch.inference_mode():
+        with self._generate_lock, torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens,
                                       pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -303,7 +341,7 @@ class Engine:
 
 
 def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None, cache_format="int4",
-         device_memory=None, progress=True) -> Engine:
+         device_memory=None, progress=True, verify=True) -> Engine:
     """Load an offloaded model.
 
     model_dir: the HF model dir (config; may be None: the weights dir carries a copy).
@@ -313,6 +351,7 @@ def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dty
     device: None = cuda if available else cpu. dtype: None = bfloat16 on cuda, float32 on cpu.
     cache_format: what the device cache holds ("int4").
     device_memory: bytes the "auto" budget may plan for (emulate a smaller card); None = all free memory.
+    verify: check each shard's sha256 while it is read (False skips it).
     """
     return Engine(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype,
-                  cache_format=cache_format, device_memory=device_memory, progress=progress)
+                  cache_format=cache_format, device_memory=device_memory, progress=progress, verify=verify)

@@ -49,7 +49,7 @@ def _tokenize(model_dir: Path, weights_dir: Path, text: str) -> list[int]:
     tok_dir = next((d for d in (model_dir, weights_dir) if (d / "tokenizer_config.json").exists()), None)
     if tok_dir is None:
         raise OffloadError(f"no tokenizer in {model_dir} or {weights_dir}: offload-eval needs one to read text")
-    return AutoTokenizer.from_pretrained(tok_dir)(text, add_special_tokens=False)["input_ids"]
+    return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)(text, add_special_tokens=False)["input_ids"]
 
 
 def _check_window(max_tokens: int, stride: int, config) -> None:
@@ -153,10 +153,18 @@ def main(argv=None) -> int:
 
 
 def _eval(args) -> int:
+    from .cli import check_output_path
+    from .store import regular_file
     path = Path(args.text)
-    if not path.is_file():
-        raise OffloadError(f"text file {path} does not exist")
-    result = evaluate(args.model_dir, args.weights_dir, path.read_text(encoding="utf-8"), max_tokens=args.max_tokens,
+    if path.is_dir():
+        raise OffloadError(f"--text {path} is a directory, not a text file")
+    try:
+        text = regular_file(path, "text file").read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OffloadError(f"--text {path} is not UTF-8 text") from None
+    if args.json:
+        check_output_path(args.json, "--json")
+    result = evaluate(args.model_dir, args.weights_dir, text, max_tokens=args.max_tokens,
                       stride=args.stride, device=args.device, dtype=args.dtype, cache=args.cache,
                       progress=not args.no_progress)
     print(summary(result))

@@ -34,7 +34,7 @@ class SourceModel:
         self.path = Path(model_dir)
         if not (self.path / "config.json").exists():
             raise OffloadError(f"{self.path} is not a model dir (no config.json)")
-        self.config = AutoConfig.from_pretrained(self.path)
+        self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             files = [self.path / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]

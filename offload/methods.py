@@ -153,7 +153,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, block_size: int = quant.BLOCK_S
 def _calibration_ids(tokenizer_dir, text: str, seq_len: int, max_sequences: int) -> torch.Tensor:
     """Calibration text -> token ids [S, seq_len] (consecutive, non-overlapping pieces)."""
     from transformers import AutoTokenizer
-    ids = AutoTokenizer.from_pretrained(tokenizer_dir)(text, add_special_tokens=False)["input_ids"]
+    ids = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)(text, add_special_tokens=False)["input_ids"]
     count = min(len(ids) // seq_len, max_sequences)
     if count < 1:
         raise OffloadError(f"calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}")

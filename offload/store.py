@@ -14,14 +14,17 @@ import hashlib
 import contextlib
 import json
 import os
+import re
 import shutil
+import stat
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 from transformers import AutoConfig
 
@@ -45,15 +48,79 @@ LM_HEAD_PRECISIONS = ("int4", "int8", "bf16")
 LINEAR_QUANTS = LM_HEAD_PRECISIONS  # what a linear's manifest record may say
 
 
+ROLES = ("linear", "bias", "embedding", "norm", "other")
+MIN_BLOCK_SIZE = 64  # the smallest scale block the fused kernels take (kernels/gemm.py MIN_GROUP)
+SHARD_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "BOOL": torch.bool}
+READ_CHUNK = 16 << 20  # bytes per read while hashing a shard
+
+
+def regular_file(path: Path, what: str) -> Path:
+    """`path` if it is a regular file (or a link to one); a FIFO or device would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise OffloadError(f"{what} {path} is missing") from None
+    except OSError as e:
+        raise OffloadError(f"cannot open {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise OffloadError(f"{what} {path} is not a regular file")
+    return path
+
+
+def contained(root: Path, name, what: str, links_out: bool = False) -> Path:
+    """root/name, refusing names that leave `root` (absolute, `..`); with links_out False the path
+    after following symlinks must stay inside `root` too (a link to another file in the dir is fine)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise OffloadError(f"{what} {name!r} is not a file name inside {root}")
+    path = root / name
+    if not links_out and not path.resolve().is_relative_to(root.resolve()):
+        raise OffloadError(f"{what} {name!r} leads outside {root}")
+    return path
+
+
+def check_no_custom_code(model_dir: Path) -> None:
+    """Refuse a model whose config or tokenizer config points at its own Python code (auto_map)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        f = model_dir / name
+        if not f.exists():
+            continue
+        try:
+            data = json.loads(regular_file(f, name).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise OffloadError(f"{f} is not valid JSON ({e})") from None
+        if isinstance(data, dict) and "auto_map" in data:
+            raise OffloadError(f"custom-code models are not supported ({f} has auto_map)")
+
+
 def _source_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / f for f in dict.fromkeys(weight_map.values())]
+        try:
+            weight_map = json.loads(regular_file(index, "index").read_text())["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise OffloadError(f"{index} is corrupt ({type(e).__name__}: {e})") from None
+        # a hub cache snapshot links its files to blobs elsewhere: links may leave the dir, names may not
+        return [regular_file(contained(model_dir, f, "weight_map file", links_out=True), "weight file")
+                for f in names]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise OffloadError(f"no *.safetensors files in {model_dir} (offload reads safetensors only, never pickle)")
-    return files
+    return [regular_file(f, "weight file") for f in files]
+
+
+def source_fingerprint(model_dir: Path, files: list[Path]) -> str:
+    """sha256 over config.json and each source file's name, size and safetensors header (every
+    tensor's name, dtype, shape and offsets): identifies the source without reading its data twice."""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            h.update(fh.read(min(n, 100 << 20)))
+    return h.hexdigest()
 
 
 def tensor_role(name: str, module) -> str:
@@ -76,6 +143,7 @@ class _ShardWriter:
         self.pending_names: list[dict] = []  # manifest records waiting for their shard name
         self.size, self.count = 0, 0
         self.shards: dict[str, int] = {}
+        self.sha256: dict[str, str] = {}
 
     def add(self, record: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.pending.update({k: v.contiguous() for k, v in tensors.items()})
@@ -89,8 +157,10 @@ class _ShardWriter:
             return
         self.count += 1
         name = f"model-{self.count:05d}.safetensors"
-        save_file(self.pending, str(self.out / name), metadata={"format": "offload-int4"})
-        self.shards[name] = (self.out / name).stat().st_size
+        data = save(self.pending, metadata={"format": "offload-int4"})  # the bytes hashed are the bytes written
+        (self.out / name).write_bytes(data)
+        self.shards[name], self.sha256[name] = len(data), hashlib.sha256(data).hexdigest()
+        del data
         for record in self.pending_names:
             record["shard"] = name
         self.pending, self.pending_names, self.size = {}, [], 0
@@ -106,17 +176,28 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     lm_head: precision of the output projection: "int8" (default) or "bf16", kept resident on the
     device, or "int4", streamed through the cache like every other linear.
     Writes into a temporary sibling dir and renames it at the end, so an interrupted run never
-    leaves a weights dir that looks complete.
+    leaves a weights dir that looks complete; an existing weights dir (force) is replaced only then.
+    Refuses an output that is the model dir, contains it or the current dir, or is a non-empty dir
+    that is not a weights dir (nothing it did not write is ever deleted).
     """
     model_dir, out = Path(model_dir), Path(weights_dir)
     if not (model_dir / "config.json").exists():
         raise OffloadError(f"{model_dir} is not a model dir (no config.json)")
-    if out.exists() and not force:
-        raise OffloadError(f"{out} already exists (use --force to replace it)")
+    _check_output(model_dir, out, force)
+    if not isinstance(block_size, int) or block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
+        raise OffloadError(f"block size must be a power of two, at least {MIN_BLOCK_SIZE} (the kernels' "
+                           f"smallest scale block), got {block_size}")
     options = _method_options(method, calibration, lm_head)
-    config = AutoConfig.from_pretrained(model_dir)
+    check_no_custom_code(model_dir)
+    regular_file(model_dir / "config.json", "config")
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     skeleton = empty_model(config)
     linears = linear_modules(skeleton)
+    head_module = skeleton.get_output_embeddings()
+    if not any(m is not head_module for m in linears.values()):
+        raise OffloadError(f"{model_dir} ({config.model_type}) has no nn.Linear layers in its decoder to quantize: "
+                           "offload supports decoders built from nn.Linear (Llama, Qwen2, Mistral, Gemma families), "
+                           "not GPT-2 style Conv1D")
     modules = dict(skeleton.named_modules())
     wanted = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     linear_keys = {f"{name}.weight" for name in linears}
@@ -133,20 +214,78 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     return out
 
 
+def _check_output(model_dir: Path, out: Path, force: bool) -> None:
+    src, dst = model_dir.resolve(), out.resolve()
+    if src.is_relative_to(dst):
+        raise OffloadError(f"output {out} is the model dir or contains it: choose a new dir")
+    if Path.cwd().resolve().is_relative_to(dst):
+        raise OffloadError(f"output {out} is the current dir or contains it: choose a new dir")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OffloadError(f"{out} already exists (use --force to replace it)")
+        _check_replaceable(out, MANIFEST)
+
+
+def _check_replaceable(out: Path, marker: str) -> None:
+    if out.is_symlink() or not out.is_dir():
+        raise OffloadError(f"{out} exists and is not a directory: not replacing it")
+    if any(out.iterdir()) and not (out / marker).is_file():
+        raise OffloadError(f"{out} is not empty and has no {marker}: not replacing a dir offload did not write")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Temp dirs of runs that were killed: `.NAME.tmp-PID` is removed; `.NAME.old-PID` (a run killed
+    between moving the old dir aside and the new one in) is put back when NAME is missing."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
+    for p in out.parent.iterdir() if out.parent.is_dir() else ():
+        m = pattern.fullmatch(p.name)
+        if m is None or not p.is_dir() or p.is_symlink() or _pid_alive(int(m[2])):
+            continue
+        if m[1] == "old" and not out.exists():
+            os.replace(p, out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(out: Path):
-    """Yield a temporary sibling dir that replaces `out` only when the block completes."""
+def atomic_dir(out: Path, marker: str = MANIFEST):
+    """Yield a temporary sibling dir that replaces `out` only when the block completes.
+
+    An existing `out` must be empty or hold `marker` (it is something this program wrote); it is
+    moved aside, the new dir moved in, and only then removed, so a kill at any moment leaves a
+    complete dir (or, between the two renames, one the next run puts back). Temp dirs of killed
+    runs are removed first.
+    """
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        _check_replaceable(out, marker)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
 
 
 def _method_options(method, calibration, lm_head) -> dict:
@@ -248,9 +387,10 @@ def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, bloc
             "method": options["method"], "lm_head": options["lm_head"],
             "method_options": {k: v for k, v in options.items() if k not in ("method", "lm_head", "head_key",
                                                                                "calibration_text")},
-            "source_model": str(model_dir.resolve()),
+            "source_model": model_dir.resolve().name, "source_sha256": source_fingerprint(model_dir, files),
             "model_type": config.model_type, "architectures": getattr(config, "architectures", None),
-            "quantize_seconds": round(time.time() - t0, 2), "shards": writer.shards, "tensors": tensors}
+            "quantize_seconds": round(time.time() - t0, 2), "shards": writer.shards,
+            "shard_sha256": writer.sha256, "tensors": tensors}
 
 
 @dataclass
@@ -263,10 +403,98 @@ class TensorInfo:
     quant: str | None = None  # linears: int4 (streamed through the cache), int8 or bf16 (resident)
 
 
-class WeightsDir:
-    """Reads and checks a weights dir written by `quantize_model`."""
+def _check_manifest(manifest_path: Path, block_size, shards, tensors, sha256) -> dict[str, TensorInfo]:
+    """Every field the reader uses, with the type it needs -> {name: TensorInfo}."""
+    def bad(what):
+        return OffloadError(f"{manifest_path} is corrupt: {what}")
 
-    def __init__(self, path):
+    root = manifest_path.parent
+    if type(block_size) is not int or block_size <= 0 or block_size % 2:
+        raise bad(f"block_size {block_size!r} is not a positive even integer")
+    if not isinstance(shards, dict) or not isinstance(tensors, dict):
+        raise bad("shards and tensors must be objects")
+    for shard, size in shards.items():
+        if type(size) is not int or size < 0:
+            raise bad(f"shard {shard} has size {size!r}, not a byte count")
+    if sha256 is not None and (not isinstance(sha256, dict) or set(sha256) != set(shards)
+                               or not all(isinstance(v, str) for v in sha256.values())):
+        raise bad("shard_sha256 does not list one hash per shard")
+    out = {}
+    for name, t in tensors.items():
+        if not isinstance(t, dict):
+            raise bad(f"tensor {name} is not an object")
+        for field in ("role", "shape", "shard", "keys"):
+            if field not in t:
+                raise bad(f"tensor {name} has no {field}")
+        if t["role"] not in ROLES:
+            raise bad(f"tensor {name} has role {t['role']!r} (one of {', '.join(ROLES)})")
+        if (not isinstance(t["shape"], list) or not t["shape"]
+                or not all(type(d) is int and d > 0 for d in t["shape"])):
+            raise bad(f"tensor {name} has shape {t['shape']!r}")
+        if t["shard"] not in shards:
+            raise bad(f"tensor {name} is in shard {t['shard']!r}, which the shards list does not have")
+        if not isinstance(t["keys"], list) or not all(isinstance(k, str) for k in t["keys"]) or not t["keys"]:
+            raise bad(f"tensor {name} has keys {t['keys']!r}")
+        out[name] = TensorInfo(name, t["role"], tuple(t["shape"]), root / t["shard"], t["keys"],
+                               t.get("quant", "int4") if t["role"] == "linear" else None)
+    return out
+
+
+def _read_header(f, size: int) -> tuple[dict, int]:
+    """A safetensors header -> ({key: {dtype, shape, data_offsets}}, offset of the data)."""
+    n = int.from_bytes(f.read(8), "little")
+    if not 0 < n <= size - 8:
+        raise OffloadError(f"cannot read {f.name}: bad safetensors header length {n}")
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OffloadError(f"cannot read {f.name}: safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise OffloadError(f"cannot read {f.name}: safetensors header is not an object")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_range(f, start: int, end: int) -> torch.Tensor:
+    data = torch.empty(end - start, dtype=torch.uint8)
+    f.seek(start)
+    if f.readinto(memoryview(data.numpy())) != end - start:
+        raise OffloadError(f"shard {f.name} is truncated")
+    return data
+
+
+def _tensor(header: dict, key: str, base: int, fetch) -> torch.Tensor:
+    """Tensor `key` of a shard; fetch(start, end) gives the shard's bytes [start, end) as uint8."""
+    info = header.get(key)
+    try:
+        dtype = SHARD_DTYPES[info["dtype"]]
+        shape = [int(d) for d in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise OffloadError(f"shard has no readable tensor {key}") from None
+    count = torch.Size(shape).numel()
+    if not 0 <= begin <= end or end - begin != count * dtype.itemsize:
+        raise OffloadError(f"shard tensor {key}: offsets {begin}..{end} do not fit {info['dtype']} {shape}")
+    raw = fetch(base + begin, base + end)
+    if raw.numel() != end - begin:
+        raise OffloadError(f"shard tensor {key} lies past the end of its file")
+    if not count:
+        return torch.empty(shape, dtype=dtype)
+    if raw.storage_offset() % dtype.itemsize:
+        raw = raw.clone()  # a misaligned tensor in the shard buffer: viewed from its own copy
+    return raw.view(dtype).view(shape)
+
+
+class WeightsDir:
+    """Reads and checks a weights dir written by `quantize_model`.
+
+    Every shard path must stay inside the dir (a symlink to another file in the dir is fine, one
+    leading out is refused) and be a regular file. The first read of a shard hashes all its bytes
+    as they are read and compares the manifest's sha256 before any tensor is used; `verify=False`
+    skips that. A dir from an older offload without hashes loads with a one-line notice.
+    """
+
+    def __init__(self, path, verify=True):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not self.path.is_dir():
@@ -274,23 +502,26 @@ class WeightsDir:
         if not manifest_path.exists():
             raise OffloadError(f"{self.path} is not a weights dir: no {MANIFEST} (create it with offload-quantize)")
         try:
-            m = json.loads(manifest_path.read_text())
-            version, self.block_size = m["format_version"], int(m["block_size"])
+            m = json.loads(regular_file(manifest_path, "manifest").read_text())
+            version, self.block_size = m["format_version"], m["block_size"]
             shards, tensors = m["shards"], m["tensors"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise OffloadError(f"{manifest_path} is corrupt ({type(e).__name__}: {e})") from e
         if version != FORMAT_VERSION:
             raise OffloadError(f"{manifest_path}: format version {version}, this offload reads {FORMAT_VERSION}")
         self.manifest = m
+        self.tensors = _check_manifest(manifest_path, self.block_size, shards, tensors, m.get("shard_sha256"))
+        self.shard_sizes, self.sha256 = {}, {}
         for shard, size in shards.items():
-            f = self.path / shard
-            if not f.exists():
-                raise OffloadError(f"shard {f} is missing")
+            f = regular_file(contained(self.path, shard, "shard"), "shard")
             if f.stat().st_size != size:
                 raise OffloadError(f"shard {f} is corrupt or truncated ({f.stat().st_size} bytes, manifest says {size})")
-        self.tensors = {name: TensorInfo(name, t["role"], tuple(t["shape"]), self.path / t["shard"], t["keys"],
-                                         t.get("quant", "int4") if t["role"] == "linear" else None)
-                        for name, t in tensors.items()}
+            self.shard_sizes[f] = size
+            if verify and m.get("shard_sha256"):
+                self.sha256[f] = m["shard_sha256"][shard]
+        if verify and not m.get("shard_sha256"):
+            print(f"offload: {self.path} has no shard checksums (made by an older offload): not verified",
+                  file=sys.stderr)
         for t in self.tensors.values():
             if t.role == "linear" and t.quant not in LINEAR_QUANTS:
                 raise OffloadError(f"{manifest_path}: {t.name} has quant {t.quant!r}, this offload reads "
@@ -311,18 +542,44 @@ class WeightsDir:
         return next(self.iter_read([name]))[1]
 
     def iter_read(self, names):
-        """(name, stored tensors) for each of `names`, opening each shard once."""
+        """(name, stored tensors) for each of `names`, reading each shard once.
+
+        A shard not yet verified is read whole (its bytes hashed on the way, checked before any
+        tensor is handed out); a verified one has only the wanted tensors' bytes read.
+        """
         names = list(names)
         for shard in dict.fromkeys(self.tensors[n].shard for n in names):
+            wanted = [n for n in names if self.tensors[n].shard == shard]
             try:
-                with safe_open(shard, framework="pt") as sf:
-                    for name in names:
-                        if self.tensors[name].shard == shard:
-                            yield name, [sf.get_tensor(k) for k in self.tensors[name].keys]
-            except OffloadError:
-                raise
-            except Exception as e:  # safetensors raises its own error types for damaged files
+                with open(shard, "rb") as f:
+                    header, base = _read_header(f, self.shard_sizes[shard])
+                    if shard in self.sha256:
+                        data = self._read_verified(f, shard)
+                        fetch = lambda start, end: data[start:end]  # noqa: E731
+                    else:
+                        fetch = lambda start, end: _read_range(f, start, end)  # noqa: E731
+                    for name in wanted:
+                        yield name, [_tensor(header, k, base, fetch) for k in self.tensors[name].keys]
+            except OSError as e:
                 raise OffloadError(f"cannot read {shard}: {e}") from e
+
+    def _read_verified(self, f, shard: Path) -> torch.Tensor:
+        """The whole shard (uint8 [size]), hashed as it is read; raises on a mismatch."""
+        size = self.shard_sizes[shard]
+        data = torch.empty(size, dtype=torch.uint8)
+        view, h, done = memoryview(data.numpy()), hashlib.sha256(), 0
+        f.seek(0)
+        while done < size:
+            n = f.readinto(view[done:done + READ_CHUNK])
+            if not n:
+                raise OffloadError(f"shard {shard} is truncated")
+            h.update(view[done:done + n])
+            done += n
+        if h.hexdigest() != self.sha256[shard]:
+            raise OffloadError(f"shard {shard} is corrupt: its sha256 does not match the manifest "
+                               "(quantize again, or --no-verify to load it anyway)")
+        del self.sha256[shard]  # verified: later reads take only the bytes they need
+        return data
 
     def check_config(self, model) -> None:
         """Fail if the manifest's tensors do not match the model built from the config."""
