@@ -1,10 +1,17 @@
 """Command line: offload-quantize and offload-run. Argument parsing, streaming output, one-line errors."""
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
+
+try:
+    import termios
+except ImportError:  # not on Windows: no tty handling there
+    termios = None
 
 from .errors import OffloadError
 
@@ -56,6 +63,7 @@ def quantize_main(argv=None) -> int:
                    "int4 is streamed like the other linears")
     p.add_argument("--force", action="store_true", help="replace an existing weights dir")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_version(p)
     args = p.parse_args(argv)
     return _run_guarded("offload-quantize", _quantize, args)
 
@@ -81,16 +89,40 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("weights_dir", nargs="?", help="weights dir made by offload-quantize (default: model_dir)")
     p.add_argument("--demo", action="store_true", help="the built-in SmolLM2-135M-Instruct demo model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default="bfloat16",
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="bfloat16 (default: the fast int4 kernels, on cpu too) | float16 | float32 (on cpu: the exact "
                         "torch reference path, slow)")
     p.add_argument("--cache", default="auto",
-                   help="auto | full | N entries | size (12GiB, 500MiB) | share (25%%) (default auto)")
-    p.add_argument("--policy", default="pin", help="pin (default) or lru")
-    p.add_argument("--cache-format", default="int4", help="what the cache holds: int4 (default)")
+                   help="auto | full | N entries | size (12G, 500M, 12GiB, 12GB) | share (25%%) (default auto)")
+    p.add_argument("--policy", default="pin", choices=("pin", "lru"),
+                   help="pin (default): a fixed resident set, the rest streamed | lru: least-recently-used eviction")
+    p.add_argument("--cache-format", default="int4", choices=("int4", "bf16"),
+                   help="what the cache holds: int4 (default: packed, the fused kernels) | bf16 (dequantized, 4x the "
+                        "bytes)")
+    p.add_argument("-t", "--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch CPU threads (default: one per physical core)")
+    p.add_argument("-c", "--ctx-size", type=_positive_int, default=None, metavar="N",
+                   help="longest context (prompt + reply) in tokens: the auto cache budget leaves KV room for it and "
+                        "longer prompts are refused (default 4096, or the model's context if shorter)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of each weight shard while it loads")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_version(p)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _add_version(p: argparse.ArgumentParser) -> None:
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
 def open_engine(args):
@@ -102,40 +134,65 @@ def open_engine(args):
     else:
         model_dir, weights_dir = args.model_dir, args.weights_dir or args.model_dir
     return load(model_dir, weights_dir, cache=args.cache, policy=args.policy, device=args.device, dtype=args.dtype,
-                cache_format=args.cache_format, verify=not getattr(args, "no_verify", False))
+                cache_format=args.cache_format, threads=args.threads, ctx_size=args.ctx_size,
+                verify=not getattr(args, "no_verify", False))
 
 
 # ---- offload-run ----
+CHAT_HINT = "chat: /exit or Ctrl-D quits, /clear starts over, /help lists commands; Ctrl-C stops a reply"
+CHAT_HELP = """\
+/help    this list
+/clear   forget the conversation (the --system prompt stays)
+/exit    quit (also /quit, Ctrl-D, or Ctrl-C at the prompt)
+Ctrl-C while a reply is written stops that reply; the conversation goes on."""
+
+
 def run_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="offload-run", description="Run an offloaded model: int4 weights in host RAM, "
-                                "streamed through a bounded device cache.")
+                                "streamed through a bounded device cache. Without --prompt or --file: an "
+                                "interactive chat.")
     add_engine_args(p)
-    p.add_argument("--prompt", help="prompt text (without it, --chat reads turns from stdin)")
-    p.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, an interactive chat")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (64 for --demo)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-p", "--prompt", metavar="TEXT", help="prompt text: print one reply and exit (with --chat: the first turn)")
+    p.add_argument("-f", "--file", metavar="FILE", help="read the prompt from FILE")
+    p.add_argument("--chat", action="store_true",
+                   help="interactive chat (the default without --prompt/--file; with --demo it replaces the demo "
+                        "question)")
+    p.add_argument("--raw", action="store_true", help="plain completion: no chat template (interactive: each line "
+                   "completed on its own)")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (chat template only)")
+    p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=None, metavar="N",
+                   help="longest reply in tokens (default 256, 64 for --demo)")
+    p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the k most likely tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than min-p x the top one (default 0: off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, metavar="X",
+                   help="divide repeated tokens' logits by this, greedy too (default 1.0: off)")
+    p.add_argument("-s", "--seed", type=int, default=None, metavar="N", help="random seed for sampling")
     p.add_argument("--stats", action="store_true", help="print a throughput/cache/memory summary at the end")
     p.add_argument("--stats-json", metavar="FILE", help="write the stats as JSON")
     args = p.parse_args(argv)
+    if args.prompt is not None and args.file:
+        p.error("give --prompt or --file, not both")
+    if args.raw and args.system:
+        p.error("--system needs the chat template: drop --raw")
+    for name, ok in (("--temp", args.temperature >= 0), ("--top-k", args.top_k >= 0),
+                     ("--top-p", 0 < args.top_p <= 1), ("--min-p", 0 <= args.min_p <= 1),
+                     ("--repeat-penalty", args.repeat_penalty > 0)):
+        if not ok:
+            p.error(f"{name} is out of range (see --help)")
     if args.demo:
-        args.chat = True
         args.stats = True
-        args.prompt = args.prompt or "What is the capital of France?"
+        if args.prompt is None and not args.file and not args.chat:
+            from .demo import DEMO_PROMPT
+            args.prompt = DEMO_PROMPT
         args.cache = "25%" if args.cache == "auto" else args.cache
     elif not args.model_dir:
         p.error("give model_dir and weights_dir, or --demo")
     if args.max_new_tokens is None:
         args.max_new_tokens = 64 if args.demo else 256
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
-    if not args.prompt and not args.chat:
-        p.error("give --prompt TEXT, or --chat for an interactive chat")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     return _run_guarded("offload-run", _run, args)
 
 
@@ -156,63 +213,225 @@ def _check_run_inputs(args) -> None:
 
 def _run(args) -> int:
     import torch
-    from transformers import TextStreamer
-    from .units import fmt_bytes
+    from pathlib import Path
 
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise OffloadError(f"prompt file {path} does not exist")
+        args.prompt = path.read_text(encoding="utf-8")
     _check_run_inputs(args)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
     with open_engine(args) as engine:
         print(engine.memory_plan(), file=sys.stderr)
         if engine.tokenizer is None:
             raise OffloadError(f"{engine.weights.path} has no tokenizer: offload-run needs one to read prompts")
-        streamer = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        if args.prompt:
-            engine.generate(args.prompt, args.max_new_tokens, chat=args.chat, streamer=streamer, **sampling)
+        chat = Chat(engine, args)
+        if args.prompt is not None and not args.chat:
+            chat.one_shot(args.prompt)
         else:
-            _chat_loop(engine, args, streamer, sampling)
-        stats, plan = engine.stats, engine.memory_plan()
+            chat.interactive(first=args.prompt)
+        stats = engine.stats
     if args.stats:
-        print(_stats_summary(stats, fmt_bytes) + "\n" + plan, file=sys.stderr)
+        print(stats_summary(stats), file=sys.stderr)
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(stats, f, indent=1)
     return 0
 
 
-def _chat_loop(engine, args, streamer, sampling) -> None:
-    import torch
-    history = []
-    while True:
-        try:
-            line = input("> " if sys.stdin.isatty() else "")
-        except EOFError:
-            return
-        if line.strip() in ("exit", "quit"):
-            return
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        ids = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt",
-                                                   return_dict=True)
-        ids = {k: v.to(engine.device) for k, v in ids.items()}
+class ContextFull(OffloadError):
+    """A prompt that leaves no room for a reply in the context (-c/--ctx-size)."""
+
+
+class Chat:
+    """The conversation of offload-run: the chat template (unless --raw or the tokenizer has none), the
+    history, streamed replies, and the length checks against --max-new-tokens and the context size."""
+
+    def __init__(self, engine, args):
+        self.engine, self.args = engine, args
+        tok = engine.tokenizer
+        self.templated = not args.raw and bool(getattr(tok, "chat_template", None))
+        if args.system and not self.templated:
+            raise OffloadError("--system needs a chat template, and this tokenizer has none")
+        self.system = [{"role": "system", "content": args.system}] if args.system else []
+        self.history = list(self.system)
+        eos = engine.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {tok.eos_token_id}
+        self.sampling = _sampling(args)
+
+    def encode(self, text: str):
+        """The prompt for the next reply to `text` (the whole conversation when templated): input ids [1, T]."""
+        tok = self.engine.tokenizer
+        if self.templated:
+            enc = tok.apply_chat_template(self.history + [{"role": "user", "content": text}],
+                                          add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        else:
+            enc = tok(text, return_tensors="pt")
+        return {k: v.to(self.engine.device) for k, v in enc.items()}
+
+    def reply(self, text: str, stop=None) -> tuple[str, str]:
+        """Stream the reply to `text`; (reply, why it ended: eos | stopped | length | context). The turn is
+        kept in the history. ContextFull before generating when the prompt leaves no room for a reply."""
+        import torch
+        from transformers import StoppingCriteriaList, TextStreamer
+        enc = self.encode(text)
+        n_prompt, ctx = enc["input_ids"].shape[1], self.engine.ctx_size
+        if n_prompt >= ctx:
+            again = "; /clear starts over" if len(self.history) > len(self.system) else ""
+            raise ContextFull(f"the prompt is {n_prompt} tokens, the context {ctx} (-c/--ctx-size{again})")
+        max_new = min(self.args.max_new_tokens, ctx - n_prompt)
+        streamer = TextStreamer(self.engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode():
-            out = engine.model.generate(**ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                                        pad_token_id=engine.tokenizer.pad_token_id,
-                                        **(sampling or {"do_sample": False, "temperature": None, "top_p": None,
-                                                        "top_k": None}))
-        reply = engine.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        history.append({"role": "assistant", "content": reply})
+            out = self.engine.model.generate(**enc, max_new_tokens=max_new, streamer=streamer,
+                                             stopping_criteria=StoppingCriteriaList([stop] if stop else []),
+                                             pad_token_id=self.engine.tokenizer.pad_token_id, **self.sampling)
+        new = out[0, n_prompt:].tolist()
+        reply = self.engine.tokenizer.decode(new, skip_special_tokens=True)
+        if stop is not None and stop.fired:
+            why = "stopped"
+        elif len(new) >= max_new and new[-1] not in self.eos:
+            why = "length" if max_new == self.args.max_new_tokens else "context"
+        else:
+            why = "eos"
+        if self.templated:
+            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        return reply, why
+
+    def notice(self, why: str) -> None:
+        lines = {"stopped": "[reply stopped]",
+                 "length": f"[reply cut at {self.args.max_new_tokens} tokens: -n/--max-new-tokens allows more]",
+                 "context": f"[reply cut at the end of the {self.engine.ctx_size}-token context: -c/--ctx-size]"}
+        if why in lines:
+            print(lines[why], file=sys.stderr, flush=True)
+
+    def one_shot(self, text: str) -> None:
+        self.notice(self.reply(text)[1])
+
+    def interactive(self, first=None) -> None:
+        """Read turns until /exit, Ctrl-D (end of input) or Ctrl-C at the prompt."""
+        tty = sys.stdin.isatty()
+        if tty:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+        print(CHAT_HINT if self.templated else CHAT_HINT + " (plain completion: no chat template)", file=sys.stderr)
+        stop = CtrlC()
+        pending = first
+        while True:
+            if pending is not None:
+                line, pending = pending, None
+            else:
+                try:
+                    line = input("> " if tty else "")
+                except (EOFError, KeyboardInterrupt):
+                    if tty:
+                        print()
+                    return
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("exit", "quit") or (text.startswith("/") and " " not in text):
+                if not self.command(text):
+                    return
+                continue
+            try:
+                with stop.armed(), _quiet_tty(sys.stdin):
+                    _reply, why = self.reply(line, stop)
+            except ContextFull as e:  # this turn is refused, the conversation goes on
+                print(f"offload-run: error: {e}", file=sys.stderr)
+                continue
+            self.notice(why)
+
+    def command(self, text: str) -> bool:
+        """Run a /command; False means quit. Never sent to the model."""
+        cmd = text.lower()
+        if cmd in ("/exit", "/quit", "exit", "quit"):
+            return False
+        if cmd == "/clear":
+            self.history = list(self.system)
+            print("[conversation cleared]", file=sys.stderr)
+        elif cmd in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+        else:
+            print(f"unknown command {text}: /help lists them", file=sys.stderr)
+        return True
 
 
-def _stats_summary(s: dict, fmt_bytes) -> str:
+def _sampling(args) -> dict:
+    """generate() options for the sampling flags (greedy when --temp is 0)."""
+    kw = {"repetition_penalty": args.repeat_penalty} if args.repeat_penalty != 1.0 else {}
+    if args.temperature > 0:
+        return {**kw, "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "min_p": args.min_p or None}
+    return {**kw, "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+
+
+class CtrlC:
+    """A generate() stopping criterion: Ctrl-C while armed stops the reply at the next token instead of
+    ending the program (a second Ctrl-C in the same reply does end it)."""
+
+    def __init__(self):
+        self.fired = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+    def _on_sigint(self, signum, frame):
+        if self.fired:
+            raise KeyboardInterrupt
+        self.fired = True
+
+    @contextlib.contextmanager
+    def armed(self):
+        self.fired = False
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _quiet_tty(stream):
+    """While a reply is written, keys typed meanwhile are not echoed into it, and are dropped once it ends
+    (so they do not become the next turn)."""
+    if termios is None or not stream.isatty():
+        yield
+        return
+    fd = stream.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflag; ISIG stays on: Ctrl-C still signals
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcflush(fd, termios.TCIFLUSH)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def stats_summary(s: dict) -> str:
+    """engine.stats as the lines offload-run prints at the end (binary units; device figures on cuda,
+    process RSS on cpu; bytes copied per token only when the cache streams)."""
+    from .units import fmt_bytes
+    cpu = s["device"] == "cpu"
+    cache = f"cache:   {s['cache_hits']} hits, {s['cache_misses']} misses ({100 * s['hit_rate']:.1f}% hit)"
+    if s["h2d_bytes_per_token"]:
+        cache += (f", {fmt_bytes(s['h2d_bytes_per_token'])} copied per decoded token, "
+                  f"{s['prefetch_waits']} prefetch waits")
+    memory = (f"memory:  cache budget {fmt_bytes(s['cache_budget_bytes'])}, resident {fmt_bytes(s['resident_bytes'])}, "
+              f"model {fmt_bytes(s['model_bytes'])}, host store {fmt_bytes(s['host_bytes'])}, ")
+    if cpu:
+        peak = f" (peak {fmt_bytes(s['peak_rss_bytes'])})" if s.get("peak_rss_bytes") else ""
+        memory += f"process RSS {fmt_bytes(s['rss_bytes'])}{peak}"
+    else:
+        memory += f"peak device {fmt_bytes(s['peak_device_bytes'])}"
     return "\n".join([
         f"prefill: {s['prefill_tokens']} tokens, {s['prefill_tokens_per_s']:.2f} tokens/s",
-        f"decode:  {s['decode_tokens']} tokens, {s['decode_tokens_per_s']:.2f} tokens/s",
-        f"cache:   {s['cache_hits']} hits, {s['cache_misses']} misses ({100 * s['hit_rate']:.1f}% hit), "
-        f"{s['h2d_bytes_per_token'] / 1e6:.2f} MB copied per decoded token, {s['prefetch_waits']} prefetch waits",
-        f"memory:  budget {fmt_bytes(s['cache_budget_bytes'])}, resident {fmt_bytes(s['resident_bytes'])}, "
-        f"model {fmt_bytes(s['model_bytes'])}, host {fmt_bytes(s['host_bytes'])}, "
-        f"peak device {fmt_bytes(s['peak_device_bytes'])}",
-    ])
+        f"decode:  {s['decode_tokens']} tokens, {s['decode_tokens_per_s']:.2f} tokens/s"
+        + (f" ({s['threads']} threads)" if cpu else ""),
+        cache, memory])

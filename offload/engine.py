@@ -3,8 +3,12 @@ parameters, and wire store -> cache -> prefetcher -> modules. `load()` is the pu
 import atexit
 import importlib.util
 import json
+import os
+import sys
 import threading
 from pathlib import Path
+
+import psutil
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
@@ -21,7 +25,7 @@ from .store import TensorInfo, WeightsDir, check_no_custom_code, regular_file
 from .timing import PassTimer
 from .units import fmt_bytes
 
-KV_RESERVE_TOKENS = 4096  # context the "auto" budget keeps room for (batch 1)
+KV_RESERVE_TOKENS = 4096  # default context the "auto" budget keeps room for (batch 1)
 SCRATCH_RESERVE = 512 << 20  # activations, allocator slack
 
 
@@ -41,9 +45,27 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+def set_threads(threads=None) -> int:
+    """Set torch's intra-op threads: `threads`, or by default one per physical core. Returns the count."""
+    if threads is None:
+        threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if int(threads) < 1:
+        raise OffloadError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(int(threads))
+    return int(threads)
+
+
+def _peak_rss() -> int | None:
+    """The process's peak resident set (Linux; None elsewhere)."""
+    if sys.platform.startswith("linux"):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return None
+
+
 def _resolve_dtype(dtype, device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:  # the fast path on both devices; float32 is the exact reference, on request
+        return torch.bfloat16
     if isinstance(dtype, str):
         names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -76,7 +98,7 @@ class Engine:
     """
 
     def __init__(self, model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None,
-                 cache_format="int4", device_memory=None, progress=True, verify=True):
+                 cache_format="int4", device_memory=None, ctx_size=None, progress=True, verify=True):
         self._closed = True
         self._generate_lock = threading.Lock()
         self.device_memory = device_memory
@@ -94,6 +116,7 @@ class Engine:
             check_no_custom_code(config_dir)
             regular_file(config_dir / "config.json", "config")
             self.config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
+        self.ctx_size = self._resolve_ctx_size(ctx_size)
         self.fmt = make_format(cache_format, self.weights.block_size, self.device, self.dtype)
 
         attn = "sdpa"
@@ -135,6 +158,17 @@ class Engine:
         self._small_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.timer = PassTimer(model, self.device, before=self._before_pass, after=self._after_pass)
         self.reset_stats()
+
+    def _resolve_ctx_size(self, ctx_size) -> int:
+        """The longest context (prompt + reply) the budget leaves KV room for: at most the model's."""
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if ctx_size is None:
+            return min(KV_RESERVE_TOKENS, limit) if limit else KV_RESERVE_TOKENS
+        if int(ctx_size) < 1:
+            raise OffloadError(f"ctx_size must be at least 1, got {ctx_size}")
+        if limit and ctx_size > limit:
+            raise OffloadError(f"ctx_size {ctx_size} is longer than the model's context ({limit} tokens)")
+        return int(ctx_size)
 
     def _load_tokenizer(self, side_dirs):
         # Synthetic and test models may come without one: token ids still work through engine.model.
@@ -204,7 +238,7 @@ class Engine:
         if self.device_memory is not None:  # an emulated smaller card
             free = min(free, self.device_memory - torch.cuda.memory_reserved(self.device))
         reserve = (small_device_bytes
-                   + KV_RESERVE_TOKENS * _kv_bytes_per_token(self.config, self.dtype)
+                   + self.ctx_size * _kv_bytes_per_token(self.config, self.dtype)
                    + 2 * max(n * k * 2 for n, k in (e.shape for e in self.store.entries.values()))
                    + SCRATCH_RESERVE)
         if free - reserve < max(sizes.values()):
@@ -254,6 +288,7 @@ class Engine:
         hits, misses = self.cache.hits - self._counters0[0], self.cache.misses - self._counters0[1]
         cuda = self.device.type == "cuda"
         entries = self.store.entries
+        rss = psutil.Process().memory_info().rss
         return {
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "policy": self.cache.policy, "cache_format": self.fmt.name, "cache_spec": self.cache.budget.spec,
@@ -273,6 +308,8 @@ class Engine:
             "host_pinned": self.store.pinned,
             "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if cuda
             else self.cache.peak_bytes + self._small_bytes,
+            "rss_bytes": rss, "peak_rss_bytes": max(rss, _peak_rss() or 0),
+            "threads": torch.get_num_threads(), "ctx_size": self.ctx_size,
         }
 
     def memory_plan(self) -> str:
@@ -341,17 +378,23 @@ class Engine:
 
 
 def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None, cache_format="int4",
-         device_memory=None, progress=True, verify=True) -> Engine:
+         device_memory=None, threads=None, ctx_size=None, progress=True, verify=True) -> Engine:
     """Load an offloaded model.
 
     model_dir: the HF model dir (config; may be None: the weights dir carries a copy).
     weights_dir: made by `offload-quantize`.
     cache: "auto" | "full" | entries (int) | size ("12GiB", "500MiB", "65536B") | share ("25%").
     policy: "pin" (fixed resident set + streaming ring) or "lru".
-    device: None = cuda if available else cpu. dtype: None = bfloat16 on cuda, float32 on cpu.
-    cache_format: what the device cache holds ("int4").
+    device: None = cuda if available else cpu.
+    dtype: None = bfloat16 (the fast kernels, on cpu too); torch.float32 is the exact reference path.
+    cache_format: what the device cache holds ("int4" or "bf16").
     device_memory: bytes the "auto" budget may plan for (emulate a smaller card); None = all free memory.
+    threads: torch's intra-op threads, set for the whole process; None = one per physical core.
+    ctx_size: the longest context (prompt + reply) the "auto" budget leaves KV-cache room for;
+    None = 4096 tokens or the model's context if shorter.
     verify: check each shard's sha256 while it is read (False skips it).
     """
+    set_threads(threads)
     return Engine(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype,
-                  cache_format=cache_format, device_memory=device_memory, progress=progress, verify=verify)
+                  cache_format=cache_format, device_memory=device_memory, ctx_size=ctx_size, progress=progress,
+                  verify=verify)

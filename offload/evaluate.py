@@ -64,17 +64,19 @@ def _check_window(max_tokens: int, stride: int, config) -> None:
 
 @torch.no_grad()
 def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, stride=None, device=None,
-             dtype=None, cache="auto", policy="pin", progress=True) -> dict:
+             dtype=None, cache="auto", policy="pin", threads=None, progress=True) -> dict:
     """Score `text` (a str, or a Path to a UTF-8 text file) with the offloaded model and the unquantized one.
 
     max_tokens: window length (at most the model's context); stride: tokens between window starts
-    (default max_tokens // 2). device/dtype as in `offload.load` (None: cuda + bfloat16 when
-    available, else cpu + float32, the exact reference compute). cache/policy go to `offload.load`.
+    (default max_tokens // 2). device/dtype/threads as in `offload.load` (None: cuda when available,
+    bfloat16, one thread per physical core; dtype=torch.float32 is the exact reference compute).
+    cache/policy go to `offload.load`.
     Returns a dict: ppl, reference_ppl, ppl_change (relative), top1_agreement, kl_mean (nats per
     token), tokens, scored_tokens, windows, and the settings.
     """
-    from .engine import _resolve_device, _resolve_dtype, load
+    from .engine import _resolve_device, _resolve_dtype, load, set_threads
     t0 = time.perf_counter()
+    threads = set_threads(threads)
     model_dir, weights_dir = Path(model_dir), Path(weights_dir)
     if isinstance(text, Path):
         text = text.read_text(encoding="utf-8")
@@ -95,7 +97,7 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
         hidden = [reference.run_layer(i, layer, h) for h in hidden]
 
     totals = {"nll": 0.0, "reference_nll": 0.0, "kl": 0.0, "agree": 0, "scored": 0}
-    with load(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype,
+    with load(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype, threads=threads,
               progress=False) as engine:
         manifest = engine.weights.manifest
         for (begin, first), x, h in tqdm(list(zip(spans, inputs, hidden)), desc="offload", unit="window",
@@ -118,7 +120,7 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
         "max_tokens": max_tokens, "stride": stride, "tokens": len(ids), "windows": len(spans), "scored_tokens": n,
         "ppl": ppl, "reference_ppl": ref_ppl, "ppl_change": ppl / ref_ppl - 1.0,
         "top1_agreement": totals["agree"] / n, "kl_mean": totals["kl"] / n,
-        "seconds": time.perf_counter() - t0,
+        "threads": threads, "seconds": time.perf_counter() - t0,
     }
 
 
@@ -144,7 +146,10 @@ def main(argv=None) -> int:
                    help=f"tokens per window (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default max-tokens/2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="bfloat16 (default) | float16 | float32 (on cpu: the exact reference compute, slow)")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: one per physical core)")
     p.add_argument("--cache", default="auto", help="device cache budget, as in offload-run (default auto)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -165,7 +170,7 @@ def _eval(args) -> int:
     if args.json:
         check_output_path(args.json, "--json")
     result = evaluate(args.model_dir, args.weights_dir, text, max_tokens=args.max_tokens,
-                      stride=args.stride, device=args.device, dtype=args.dtype, cache=args.cache,
+                      stride=args.stride, device=args.device, dtype=args.dtype, cache=args.cache, threads=args.threads,
                       progress=not args.no_progress)
     print(summary(result))
     if args.json:

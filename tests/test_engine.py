@@ -84,7 +84,8 @@ def test_triton_path_matches_reference(models, kind, policy, cache, monkeypatch)
 def test_pin_streams_exactly_the_unpinned_set_and_lru_thrashes(models, device):
     model_dir, weights_dir = models["qwen2"]
     linears = {k: t for k, t in tiny.manifest(weights_dir)["tensors"].items() if t["role"] == "linear"}
-    with offload.load(model_dir, weights_dir, cache="50%", policy="pin", device=device, progress=False) as engine:
+    with offload.load(model_dir, weights_dir, cache="50%", policy="pin", device=device, dtype=torch.float32,
+                      progress=False) as engine:
         greedy(engine.model, prompt_ids(device))
         pinned = engine.cache.pinned
         assert 0 < len(pinned) < len(linears)
@@ -93,7 +94,8 @@ def test_pin_streams_exactly_the_unpinned_set_and_lru_thrashes(models, device):
         assert streamed == sum(-(-p // 256) * 256 + s for p, s in
                                (quantized_nbytes(linears[k]["shape"]) for k in linears if k not in pinned))
         assert engine.stats["h2d_bytes_per_token"] == streamed
-    with offload.load(model_dir, weights_dir, cache="50%", policy="lru", device=device, progress=False) as engine:
+    with offload.load(model_dir, weights_dir, cache="50%", policy="lru", device=device, dtype=torch.float32,
+                      progress=False) as engine:
         greedy(engine.model, prompt_ids(device))
         stats = engine.stats
         assert stats["h2d_bytes_per_token"] == stats["model_bytes"]
@@ -116,7 +118,8 @@ def test_budget_is_never_exceeded(models, device, policy, cache, monkeypatch):
 
     monkeypatch.setattr(DeviceCache, "admit", checked_admit)
     model_dir, weights_dir = models["llama"]
-    with offload.load(model_dir, weights_dir, cache=cache, policy=policy, device=device, progress=False) as engine:
+    with offload.load(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=torch.float32,
+                      progress=False) as engine:
         greedy(engine.model, prompt_ids(device, batch=2))
         assert engine.stats["cache_misses"] > 0
     assert len(seen) > NEW_TOKENS  # the check really ran on the streaming path
@@ -125,7 +128,7 @@ def test_budget_is_never_exceeded(models, device, policy, cache, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_prefetch_thread_failure_surfaces(models, device):
     model_dir, weights_dir = models["llama"]
-    with offload.load(model_dir, weights_dir, cache="50%", device=device, progress=False) as engine:
+    with offload.load(model_dir, weights_dir, cache="50%", device=device, dtype=torch.float32, progress=False) as engine:
         materialize = engine.fmt.materialize
 
         def failing(raw, entry):
@@ -160,7 +163,7 @@ def test_generate_text_batched_matches_single(models, device):
 
 def test_close_is_clean_and_final(models):
     model_dir, weights_dir = models["llama"]
-    engine = offload.load(model_dir, weights_dir, cache="50%", progress=False)
+    engine = offload.load(model_dir, weights_dir, cache="50%", dtype=torch.float32, progress=False)
     greedy(engine.model, prompt_ids("cpu"))
     thread = engine.prefetcher.thread
     assert thread.is_alive()

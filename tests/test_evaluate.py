@@ -44,7 +44,8 @@ def guide_perplexity(model, ids, max_length, stride):
 
 def test_perplexity_equals_a_direct_computation_with_the_hf_model(llama):
     model_dir, weights_dir = llama
-    r = evaluate(model_dir, weights_dir, TEXT, max_tokens=MAX_TOKENS, stride=STRIDE, device="cpu", progress=False)
+    r = evaluate(model_dir, weights_dir, TEXT, max_tokens=MAX_TOKENS, stride=STRIDE, device="cpu", dtype=torch.float32,
+                 progress=False)
     ids = torch.tensor(tiny.byte_tokenizer()(TEXT, add_special_tokens=False)["input_ids"])  # one token per byte
     ref_ppl, count = guide_perplexity(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
                                       ids, MAX_TOKENS, STRIDE)
@@ -77,7 +78,8 @@ def test_lossless_weights_give_zero_difference(tmp_path):
     model.save_pretrained(tmp_path / "m")
     tiny.byte_tokenizer().save_pretrained(tmp_path / "m")
     weights = quantize_model(tmp_path / "m", tmp_path / "w", progress=False, lm_head="int4")  # mse keeps absmax here
-    r = evaluate(tmp_path / "m", weights, TEXT, max_tokens=MAX_TOKENS, stride=STRIDE, device="cpu", progress=False)
+    r = evaluate(tmp_path / "m", weights, TEXT, max_tokens=MAX_TOKENS, stride=STRIDE, device="cpu", dtype=torch.float32,
+                 progress=False)
     assert r["ppl"] == pytest.approx(r["reference_ppl"], rel=1e-5)
     assert r["top1_agreement"] == 1.0 and r["kl_mean"] == pytest.approx(0.0, abs=1e-6)
 

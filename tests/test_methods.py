@@ -103,7 +103,8 @@ def test_quantize_model_records_the_method_and_gptq_runs_layer_by_layer(llama, t
         assert [t.shape for t in got] == [t.shape for t in ref] and [t.dtype for t in got] == [t.dtype for t in ref]
         if info.role != "linear":
             assert all(torch.equal(a, b) for a, b in zip(got, ref))
-    with offload.load(model_dir, out, cache="full", device="cpu", progress=False) as engine:
+    with offload.load(model_dir, out, cache="full", device="cpu", dtype=torch.float32,
+                      progress=False) as engine:
         assert len(engine.generate("hello", max_new_tokens=4)) > 0
 
 
@@ -140,7 +141,8 @@ def test_lm_head_int8_and_bf16_stay_resident_and_match_their_reference(llama, tm
     ref.lm_head.weight = torch.nn.Parameter(int8.dequantize(*int8.quantize(head), head.shape) if precision == "int8"
                                             else head.to(torch.bfloat16).float())
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    with offload.load(model_dir, tmp_path / "w", cache="full", device="cpu", progress=False) as engine:
+    with offload.load(model_dir, tmp_path / "w", cache="full", device="cpu", dtype=torch.float32,
+                      progress=False) as engine:
         assert "lm_head.weight" not in engine.store.entries  # not streamed through the cache
         with torch.no_grad():
             got, want = engine.model(input_ids=ids).logits, ref.eval()(input_ids=ids).logits
