@@ -118,7 +118,7 @@ def test_offload_eval_cli(llama, tmp_path, capsys):
     one_error(["--max-tokens", "4096"], "longer than the model's context")
     one_error(["--max-tokens", "64", "--stride", "0"], "--stride must be")
     text.unlink()
-    one_error([], "does not exist")
+    one_error([], f"text file {text} is missing")
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # tied embeddings / untied with q, k, v biases

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -261,11 +262,10 @@ def test_bad_options_fail_before_the_host_store_is_filled(llama, tmp_path, capsy
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (no_tok / f).unlink()
     model, w = str(llama[0]), str(llama[1])
-    cases = [([model, w, "--policy", "fifo"], "unknown cache policy"),
-             ([model, w, "--cache", "1B"], "smaller than one entry"),
+    for flag, value in (("--policy", "fifo"), ("--cache-format", "fp8"), ("--dtype", "int3")):
+        usage_error(capsys, [model, w, flag, value, "--prompt", "hi"], f"argument {flag}: invalid choice: '{value}'")
+    cases = [([model, w, "--cache", "1B"], "smaller than one entry"),
              ([model, w, "--cache", "12XB"], "cannot parse size"),
-             ([model, w, "--cache-format", "fp8"], "unknown cache format"),
-             ([model, w, "--dtype", "int3"], "unknown dtype"),
              ([model, w, "--device", "tpu"], "device"),
              ([model, w, "--stats-json", str(tmp_path / "missing" / "s.json")], "does not exist"),
              ([model, w, "--stats-json", str(tmp_path)], "is a directory"),
@@ -296,9 +296,9 @@ def test_bad_block_sizes_and_sampling_options(llama, tmp_path, capsys):
               "offload-quantize", "power of two")
         assert not (tmp_path / "w").exists()
     base = [str(llama[0]), str(llama[1]), "--prompt", "hi"]
-    usage_error(capsys, base + ["--temperature", "-0.5"], "--temperature must be >= 0")
-    usage_error(capsys, base + ["--top-p", "0"], "--top-p must be in (0, 1]")
-    usage_error(capsys, base + ["--top-p", "1.5"], "--top-p must be in (0, 1]")
+    usage_error(capsys, base + ["--temperature", "-0.5"], "--temp is out of range")
+    usage_error(capsys, base + ["--top-p", "0"], "--top-p is out of range")
+    usage_error(capsys, base + ["--top-p", "1.5"], "--top-p is out of range")
 
 
 def test_corrupt_tokenizer_is_named(llama, tmp_path, capsys):
@@ -329,8 +329,9 @@ def test_conv1d_models_are_refused_at_quantize_time(tmp_path, capsys):
 def test_prompt_longer_than_the_context_is_refused_before_generating(llama, capsys):
     context = tiny.config("llama").max_position_embeddings
     line = fails(capsys, run_main([str(llama[0]), str(llama[1]), "--prompt", "a" * context]), "offload-run",
-                 "longer than the model's context")
-    assert str(context) in line and capsys.readouterr().out == ""
+                 f"tokens, the context {context}")
+    n_prompt = int(re.search(r"the prompt is (\d+) tokens", line).group(1))
+    assert n_prompt > context and capsys.readouterr().out == ""
 
 
 # 9. the manifest keeps no absolute path of the machine that made it
