@@ -117,9 +117,9 @@ class DeviceCache:
         self.used = 0  # cost of resident entries
         self.peak_bytes = 0
         self.hits = self.misses = self.h2d_bytes = 0
-        self.replan(list(sizes))
+        self.set_order(list(sizes))
 
-    def replan(self, order: list[str]) -> list[str]:
+    def set_order(self, order: list[str]) -> list[str]:
         """Set the scan order (recorded on the first forward) and re-plan; returns keys to evict."""
         self.order = order
         if self.policy == "pin":

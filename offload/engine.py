@@ -17,11 +17,11 @@ from .cache import POLICIES, DeviceCache, parse_budget
 from .errors import OffloadError
 from .formats import make_format
 from .host import HostStore, check_ram, layout
-from .int8 import swap_int8_linears
-from .modules import OffloadedLinear, empty_model, linear_modules, swap_host_embedding, swap_linears
+from .modules import empty_model, linear_modules, swap_host_embedding, swap_int8_linears, swap_linears
 from .prefetch import Prefetcher
 from .quant import padded_k
-from .store import TensorInfo, WeightsDir, check_no_custom_code, regular_file
+from .source import check_no_custom_code, regular_file
+from .store import TensorInfo, WeightsDir
 from .timing import PassTimer
 from .units import fmt_bytes
 
@@ -142,7 +142,8 @@ class Engine:
         self._check_plan(order, cache, policy)
         self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress,
                                             repack=self.fmt if hasattr(self.fmt, "write_host") else None)
-        self._plan(cache, policy, small_device_bytes)
+        self.cache = self._plan(cache, policy, small_device_bytes)
+        self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device)
         self._closed = False
         atexit.register(self.close)  # stop the thread and unpin host memory before the interpreter goes
 
@@ -157,6 +158,7 @@ class Engine:
         self.model = model
         self._small_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.timer = PassTimer(model, self.device, before=self._before_pass, after=self._after_pass)
+        self.prefetcher.attach(model)  # after the timer's hooks: the first pass's planning is not timed
         self.reset_stats()
 
     def _resolve_ctx_size(self, ctx_size) -> int:
@@ -204,14 +206,14 @@ class Engine:
         sizes = {k: self.fmt.slot_nbytes(e) for k, e in entries.items()}
         DeviceCache(sizes, parse_budget(cache, sizes), policy)
 
-    def _plan(self, cache, policy, small_device_bytes: int) -> None:
-        """A device cache for `cache`/`policy` and the prefetcher serving it; small_device_bytes:
-        what is still to be loaded on the device besides the cache."""
+    def _plan(self, cache, policy, small_device_bytes: int) -> DeviceCache:
+        """The device cache for `cache`/`policy`; small_device_bytes: what is still to be loaded on the
+        device besides the cache."""
         sizes = {k: self.fmt.slot_nbytes(e) for k, e in self.store.entries.items()}
         auto = self._auto_budget(sizes, small_device_bytes) if self.device.type == "cuda" else None
-        self.cache = DeviceCache(sizes, parse_budget(cache, sizes, auto), policy)
-        self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device)
+        plan = DeviceCache(sizes, parse_budget(cache, sizes, auto), policy)
         self._plan_args = (cache, policy)
+        return plan
 
     def replan(self, cache="auto", policy="pin") -> None:
         """Change the cache budget and policy in place, keeping the host store and the loaded model
@@ -223,14 +225,12 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # so that an "auto" budget sees the freed memory
         try:
-            self._plan(cache, policy, 0)  # the small tensors are on the device already
+            plan = self._plan(cache, policy, 0)  # the small tensors are on the device already
         except OffloadError:
-            self._plan(*old, 0)
+            self.prefetcher.restart(self._plan(*old, 0))
             raise
-        finally:
-            for module in self.model.modules():
-                if isinstance(module, OffloadedLinear):
-                    module._provider = self.prefetcher
+        self.prefetcher.restart(plan)
+        self.cache = plan
         self.reset_stats()
 
     def _auto_budget(self, sizes, small_device_bytes: int) -> int:
@@ -274,16 +274,15 @@ class Engine:
 
     def _before_pass(self, phase: str) -> None:
         self._h2d0 = self.cache.h2d_bytes
-        self.prefetcher.begin_pass()
 
     def _after_pass(self, phase: str) -> None:
         self._h2d[phase] += self.cache.h2d_bytes - self._h2d0
-        self.prefetcher.end_pass()
 
     @property
     def stats(self) -> dict:
         """Throughput, cache traffic and memory since load (or `reset_stats`)."""
-        (pt, ps, _), (dt, ds, _) = self.timer.acc["prefill"], self.timer.acc["decode"]
+        t = self.timer.stats()
+        dt = t["decode_tokens"]
         pb, db = self._h2d["prefill"], self._h2d["decode"]
         hits, misses = self.cache.hits - self._counters0[0], self.cache.misses - self._counters0[1]
         cuda = self.device.type == "cuda"
@@ -292,8 +291,7 @@ class Engine:
         return {
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "policy": self.cache.policy, "cache_format": self.fmt.name, "cache_spec": self.cache.budget.spec,
-            "prefill_tokens": pt, "prefill_seconds": ps, "prefill_tokens_per_s": pt / ps if ps else 0.0,
-            "decode_tokens": dt, "decode_seconds": ds, "decode_tokens_per_s": dt / ds if ds else 0.0,
+            **{k: v for k, v in t.items() if k != "peak_device_bytes"},
             "h2d_bytes_per_token": db / dt if dt else 0.0, "h2d_bytes": pb + db,
             "cache_hits": hits, "cache_misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,

@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from .errors import OffloadError
-from .layerwise import LayerwiseModel, SourceModel
+from .layerwise import LayerwiseModel
+from .source import SourceModel
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
 
 def _eval(args) -> int:
     from .cli import check_output_path
-    from .store import regular_file
+    from .source import regular_file
     path = Path(args.text)
     if path.is_dir():
         raise OffloadError(f"--text {path} is a directory, not a text file")

@@ -10,7 +10,7 @@ The budget counts the bytes each slot really holds (`slot_nbytes`).
 import torch
 import torch.nn.functional as F
 
-from . import kernels, quant
+from . import host, kernels
 from .errors import OffloadError
 from .kernels import cpu_int4
 
@@ -34,10 +34,7 @@ class Int4Format:
 
     def linear(self, x: torch.Tensor, data, bias) -> torch.Tensor:  # x [..., K] -> [..., N]
         packed, scales, k = data
-        if kernels.use_triton(x):
-            return kernels.int4_linear(x, packed, scales, k, bias)
-        w = quant.dequantize(packed, scales, (packed.shape[0], k), x.dtype)  # exact reference
-        return F.linear(x, w, bias)
+        return kernels.int4_linear(x, packed, scales, k, bias)
 
 
 class CpuInt4Format(Int4Format):
@@ -50,7 +47,7 @@ class CpuInt4Format(Int4Format):
 
     def _geometry(self, shape):
         np_, kc, group = cpu_int4.geometry(*shape, self.block_size)
-        scales_offset = -(-np_ * kc // 2 // 256) * 256
+        scales_offset = host.aligned(np_ * kc // 2)
         return np_, kc, group, scales_offset
 
     def host_nbytes(self, shape) -> int:
@@ -86,9 +83,7 @@ class Bf16Format:
 
     def materialize(self, raw: torch.Tensor, entry):
         packed, scales = entry.views(raw, self.block_size)
-        if raw.is_cuda:
-            return kernels.dequantize(packed, scales, entry.shape[1], dtype=self.dtype)  # [N, K]
-        return quant.dequantize(packed, scales, entry.shape, self.dtype)
+        return kernels.int4_dequantize(packed, scales, entry.shape[1], self.dtype)  # [N, K]
 
     def linear(self, x: torch.Tensor, w, bias) -> torch.Tensor:
         return F.linear(x, w, bias)
@@ -99,7 +94,6 @@ def make_format(name: str, block_size: int, device: torch.device, dtype: torch.d
         raise OffloadError(f"unknown cache format {name!r} (choose from {', '.join(FORMATS)})")
     if name == "bf16":
         return Bf16Format(block_size, device, dtype)
-    if device.type == "cpu" and dtype == torch.bfloat16 and not kernels.triton_forced() and block_size % 32 == 0:
-        if cpu_int4.cpu_int4_available():
-            return CpuInt4Format(block_size, device, dtype)
+    if kernels.int4_backend(device, dtype, block_size) == "cpu_int4":
+        return CpuInt4Format(block_size, device, dtype)
     return Int4Format(block_size, device, dtype)

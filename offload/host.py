@@ -18,7 +18,8 @@ ALIGN = 256  # bytes; keeps every view aligned for vectorized DMA and kernel loa
 RAM_HEADROOM = 1 << 30  # left free for the process itself, tokenizer, activations
 
 
-def _align(n: int) -> int:
+def aligned(n: int) -> int:
+    """n rounded up to a multiple of ALIGN."""
     return -(-n // ALIGN) * ALIGN
 
 
@@ -47,7 +48,7 @@ class Entry:
 
 def int4_entry(key: str, shape: tuple, offset: int, block_size: int) -> Entry:
     packed, scales = quant.quantized_nbytes(shape, block_size)
-    return Entry(key, tuple(shape), offset, packed, _align(packed), scales)
+    return Entry(key, tuple(shape), offset, packed, aligned(packed), scales)
 
 
 def layout(shapes: dict[str, tuple], block_size: int, host_nbytes=None) -> tuple[dict[str, Entry], int]:
@@ -58,7 +59,7 @@ def layout(shapes: dict[str, tuple], block_size: int, host_nbytes=None) -> tuple
         if host_nbytes is not None:  # a repacked layout: one opaque byte range the format reads
             entry = Entry(key, tuple(shape), offset, host_nbytes(shape), host_nbytes(shape), 0)
         entries[key] = entry
-        offset = _align(offset + entry.nbytes)
+        offset = aligned(offset + entry.nbytes)
     return entries, offset
 
 

@@ -11,49 +11,17 @@ to each layer (attention mask, rotary position embeddings, ...) and hand hidden 
 the model's own code computes everything around the layers.
 """
 import contextlib
-import json
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig
 
 from .errors import OffloadError
 from .modules import empty_model
+from .source import SourceModel
 
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early (its output is not needed)."""
-
-
-class SourceModel:
-    """An HF safetensors model dir, read one tensor at a time. Never reads pickle files."""
-
-    def __init__(self, model_dir):
-        self.path = Path(model_dir)
-        if not (self.path / "config.json").exists():
-            raise OffloadError(f"{self.path} is not a model dir (no config.json)")
-        self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
-        index = self.path / "model.safetensors.index.json"
-        if index.exists():
-            files = [self.path / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-        else:
-            files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise OffloadError(f"no *.safetensors files in {self.path} (offload reads safetensors only, never pickle)")
-        self.files = {}
-        for f in files:
-            with safe_open(f, framework="pt") as sf:
-                self.files.update({k: f for k in sf.keys()})
-
-    def tensor(self, key: str, fallback: str | None = None) -> torch.Tensor:
-        """The stored tensor `key`; `fallback` (a tied embedding) when the dir has no `key`."""
-        name = key if key in self.files else fallback
-        if name not in self.files:
-            raise OffloadError(f"{self.path} has no tensor for {key}")
-        with safe_open(self.files[name], framework="pt") as sf:
-            return sf.get_tensor(name)
 
 
 def _decoder_layers(model) -> nn.ModuleList:

@@ -16,7 +16,8 @@ import torch
 
 from . import quant
 from .errors import OffloadError
-from .layerwise import LayerwiseModel, SourceModel
+from .layerwise import LayerwiseModel
+from .source import SourceModel
 
 METHODS = ("absmax", "mse", "gptq")
 # Shrink factors of the absmax scale tried by `mse`. 1.0 keeps absmax among the candidates, so the
@@ -27,22 +28,9 @@ GPTQ_SEQ_LEN = 512  # tokens per calibration sequence
 GPTQ_MAX_SEQUENCES = 128
 
 
-def _blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[N, K] -> float32 [N, Kp / block, block], zero-padded."""
-    n, k = w.shape
-    kp = quant.padded_k(k, block_size)
-    return torch.nn.functional.pad(w.float(), (0, kp - k)).view(n, kp // block_size, block_size)
-
-
-def _round_to(wb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Fake-quantize blocks wb [..., B] with scales s [..., 1]: what dequantize(quantize(...)) returns."""
-    safe = torch.where(s > 0, s, 1.0)
-    return torch.where(s > 0, torch.round(wb / safe), 0.0).clamp_(quant.QMIN, quant.QMAX) * s
-
-
 def absmax_scales(w: torch.Tensor, block_size: int = quant.BLOCK_SIZE) -> torch.Tensor:
     """[N, K] -> bf16 [N, Kp / block]: absmax / 7 per block (what `quant.quantize` uses by default)."""
-    return (_blocks(w, block_size).abs().amax(dim=-1) / quant.QMAX).to(torch.bfloat16)
+    return (quant.blocks(w, block_size).abs().amax(dim=-1) / quant.QMAX).to(torch.bfloat16)
 
 
 def mse_scales(w: torch.Tensor, block_size: int = quant.BLOCK_SIZE, grid=MSE_GRID,
@@ -52,15 +40,14 @@ def mse_scales(w: torch.Tensor, block_size: int = quant.BLOCK_SIZE, grid=MSE_GRI
     Errors are measured with the bf16 scale that will be stored, so the choice is the real one.
     """
     out = []
-    for chunk in _blocks(w, block_size).split(rows_per_chunk):  # bounds the temporaries
+    for chunk in quant.blocks(w, block_size).split(rows_per_chunk):  # bounds the temporaries
         amax = chunk.abs().amax(dim=-1)  # [n, nb]
         best_err = torch.full_like(amax, float("inf"))
         best = torch.zeros_like(amax, dtype=torch.bfloat16)
         for f in grid:
             s = (amax * f / quant.QMAX).to(torch.bfloat16)
-            # an all-zero block has scale 0: divide by 1 instead, it rounds to 0 either way
-            sf = torch.where(s > 0, s.float(), 1.0).unsqueeze(-1)
-            err = (chunk / sf).round_().clamp_(quant.QMIN, quant.QMAX).mul_(sf).sub_(chunk).square_().sum(dim=-1)
+            sf = s.float().unsqueeze(-1)
+            err = quant.round_blocks(chunk, sf).mul_(sf).sub_(chunk).square_().sum(dim=-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, s, best)
@@ -140,7 +127,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, block_size: int = quant.BLOCK_S
         ub = u[i1:i2, i1:i2]
         for j in range(block_size):
             col = block[:, j:j + 1]  # [N, 1]
-            q = _round_to(col, s)
+            q = quant.round_blocks(col, s) * s  # what dequantize(quantize(...)) gives
             out[:, i1 + j:i1 + j + 1] = q
             err = (col - q) / ub[j, j]
             block[:, j:] -= err * ub[j:j + 1, j:]  # feed the error to the rest of the block

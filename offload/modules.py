@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from . import kernels, quant
+
 
 @contextlib.contextmanager
 def _params_on_meta():
@@ -38,7 +40,8 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 class OffloadedLinear(nn.Module):
-    """nn.Linear whose weight lives in the offload cache: acquire the slot, compute, release."""
+    """nn.Linear whose weight lives in the offload cache: its provider (the prefetcher) computes
+    x @ W.T + bias with the weight's slot."""
 
     def __init__(self, key: str, in_features: int, out_features: int, bias: bool, provider):
         super().__init__()
@@ -47,14 +50,31 @@ class OffloadedLinear(nn.Module):
         self._provider = provider  # the Prefetcher; a plain attribute, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
-        slot = self._provider.acquire(self.key)
-        try:
-            return self._provider.fmt.linear(x, slot.data, self.bias)
-        finally:
-            self._provider.release(slot)
+        return self._provider.linear(self.key, x, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.key}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight (offload.quant's int8 layout) kept on the device: resident, never
+    streamed. Used for the output projection with `--lm-head int8`; kernels.int8_linear computes."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, block_size: int = quant.BLOCK_SIZE):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        kp = quant.padded_k(in_features, block_size)
+        # Filled by load_state_dict(assign=True) from the weights dir; meta until then.
+        self.qweight = nn.Parameter(torch.empty(out_features, kp, dtype=torch.int8, device="meta"), requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(out_features, kp // block_size, device="meta"), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
+        self._dense = {}  # where kernels.int8_linear keeps a dequantized copy on paths that use one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
+        return kernels.int8_linear(x, self.qweight, self.scales, self.in_features, self.bias, dense=self._dense)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
 def replace_module(model: nn.Module, name: str, make) -> None:
@@ -69,6 +89,13 @@ def swap_linears(model: nn.Module, keys, provider) -> None:
     for key in keys:
         replace_module(model, key.removesuffix(".weight"), lambda old: OffloadedLinear(
             key, old.in_features, old.out_features, old.bias is not None, provider))
+
+
+def swap_int8_linears(model: nn.Module, keys, block_size: int = quant.BLOCK_SIZE) -> None:
+    """Replace the nn.Linear named in `keys` (weight names 'a.b.weight') with Int8Linear."""
+    for key in keys:
+        replace_module(model, key.removesuffix(".weight"),
+                       lambda old: Int8Linear(old.in_features, old.out_features, old.bias is not None, block_size))
 
 
 class HostEmbedding(nn.Module):

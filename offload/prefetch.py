@@ -29,13 +29,19 @@ class Slot:
 
 
 class Prefetcher:
-    """Serves `acquire`/`release` to OffloadedLinear; owns the copy stream and the thread."""
+    """Computes OffloadedLinear's products (`linear`) from device slots; owns the copy stream and the
+    thread. `attach(model)` registers the pass hooks; `restart(cache)` serves a new cache plan."""
 
     def __init__(self, cache, store, fmt, device: torch.device):
-        self.cache, self.store, self.fmt, self.device = cache, store, fmt, device
+        self.store, self.fmt, self.device = store, fmt, device
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.cond = threading.Condition()
+        self.handles = []
+        self._start(cache)
+
+    def _start(self, cache) -> None:
+        self.cache = cache
         self.slots: dict[str, Slot] = {}
         self.recording = True  # the first forward records the order of accesses
         self.order: list[str] = []
@@ -48,7 +54,24 @@ class Prefetcher:
         self.error = None
         self.closed = False
 
+    def attach(self, model) -> None:
+        """Hooks around each forward pass of `model`: the first pass records the order of accesses."""
+        self.handles = [model.register_forward_pre_hook(lambda *_: self.begin_pass()),
+                        model.register_forward_hook(lambda *_: self.end_pass())]
+
+    def restart(self, cache) -> None:
+        """Stop the thread, free every slot, and serve `cache` (a new plan); the next pass records the order."""
+        self.close()
+        self._start(cache)
+
     # ---- compute thread ----
+    def linear(self, key: str, x: torch.Tensor, bias) -> torch.Tensor:  # x [..., K] -> [..., N]
+        slot = self.acquire(key)
+        try:
+            return self.fmt.linear(x, slot.data, bias)
+        finally:
+            self.release(slot)
+
     def begin_pass(self) -> None:
         with self.cond:
             if self.recording:
@@ -63,7 +86,7 @@ class Prefetcher:
             for i, key in enumerate(self.order):
                 self.positions.setdefault(key, []).append(i)
             self.pos = len(self.order) - 1
-            for key in self.cache.replan(list(dict.fromkeys(self.order))):
+            for key in self.cache.set_order(list(dict.fromkeys(self.order))):
                 self._evict(key)
             self.thread = threading.Thread(target=self._run, name="offload-prefetch", daemon=True)
             self.thread.start()

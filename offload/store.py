@@ -6,7 +6,7 @@ weights/
                                 unquantized tensors (embeddings, norms, biases) under their own names
   config.json, tokenizer files  copied so the dir is self-contained
 A linear's manifest record says its "quant": int4 (every decoder linear), or for the output projection
-also int8 ("<name>.qweight" int8 [N, Kp] + "<name>.scales", see offload.int8) or bf16 ("<name>.weight").
+also int8 ("<name>.qweight" int8 [N, Kp] + "<name>.scales", see offload.quant) or bf16 ("<name>.weight").
 The manifest also records the method (absmax, mse, gptq: offload.methods) and its options.
 Only safetensors and JSON are read: no pickle anywhere.
 """
@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -28,9 +27,10 @@ from safetensors.torch import save
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from . import int8, methods, quant
+from . import methods, quant
 from .errors import OffloadError
 from .modules import empty_model, linear_modules
+from .source import check_no_custom_code, contained, regular_file, source_files, source_fingerprint
 from .units import fmt_bytes
 
 MANIFEST = "offload.json"
@@ -49,78 +49,11 @@ LINEAR_QUANTS = LM_HEAD_PRECISIONS  # what a linear's manifest record may say
 
 
 ROLES = ("linear", "bias", "embedding", "norm", "other")
-MIN_BLOCK_SIZE = 64  # the smallest scale block the fused kernels take (kernels/gemm.py MIN_GROUP)
+MIN_BLOCK_SIZE = 64  # the smallest scale block the fused kernels take (offload/kernels/gemm.py MIN_GROUP)
 SHARD_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
                 "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                 "BOOL": torch.bool}
 READ_CHUNK = 16 << 20  # bytes per read while hashing a shard
-
-
-def regular_file(path: Path, what: str) -> Path:
-    """`path` if it is a regular file (or a link to one); a FIFO or device would block or never end."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise OffloadError(f"{what} {path} is missing") from None
-    except OSError as e:
-        raise OffloadError(f"cannot open {what} {path}: {e.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise OffloadError(f"{what} {path} is not a regular file")
-    return path
-
-
-def contained(root: Path, name, what: str, links_out: bool = False) -> Path:
-    """root/name, refusing names that leave `root` (absolute, `..`); with links_out False the path
-    after following symlinks must stay inside `root` too (a link to another file in the dir is fine)."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise OffloadError(f"{what} {name!r} is not a file name inside {root}")
-    path = root / name
-    if not links_out and not path.resolve().is_relative_to(root.resolve()):
-        raise OffloadError(f"{what} {name!r} leads outside {root}")
-    return path
-
-
-def check_no_custom_code(model_dir: Path) -> None:
-    """Refuse a model whose config or tokenizer config points at its own Python code (auto_map)."""
-    for name in ("config.json", "tokenizer_config.json"):
-        f = model_dir / name
-        if not f.exists():
-            continue
-        try:
-            data = json.loads(regular_file(f, name).read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise OffloadError(f"{f} is not valid JSON ({e})") from None
-        if isinstance(data, dict) and "auto_map" in data:
-            raise OffloadError(f"custom-code models are not supported ({f} has auto_map)")
-
-
-def _source_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(regular_file(index, "index").read_text())["weight_map"]
-            names = list(dict.fromkeys(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise OffloadError(f"{index} is corrupt ({type(e).__name__}: {e})") from None
-        # a hub cache snapshot links its files to blobs elsewhere: links may leave the dir, names may not
-        return [regular_file(contained(model_dir, f, "weight_map file", links_out=True), "weight file")
-                for f in names]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise OffloadError(f"no *.safetensors files in {model_dir} (offload reads safetensors only, never pickle)")
-    return [regular_file(f, "weight file") for f in files]
-
-
-def source_fingerprint(model_dir: Path, files: list[Path]) -> str:
-    """sha256 over config.json and each source file's name, size and safetensors header (every
-    tensor's name, dtype, shape and offsets): identifies the source without reading its data twice."""
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
-            h.update(fh.read(min(n, 100 << 20)))
-    return h.hexdigest()
 
 
 def tensor_role(name: str, module) -> str:
@@ -320,7 +253,7 @@ def _linear_record(key, src, options, block_size, device):
         record.update(dtype="bfloat16", keys=[key])
         return record, {key: src.to(torch.bfloat16)}
     if precision == "int8":
-        qweight, scales = int8.quantize(src.to(device), block_size)
+        qweight, scales = quant.quantize_int8(src.to(device), block_size)
     else:
         qweight, scales = methods.quantize_weight(src.to(device), options["method"], block_size)
     record["keys"] = [f"{stem}.qweight", f"{stem}.scales"]
@@ -329,7 +262,7 @@ def _linear_record(key, src, options, block_size, device):
 
 def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, block_size, device,
                       shard_bytes, progress, options) -> dict:
-    files = _source_files(model_dir)
+    files = source_files(model_dir)
     names = {}
     for f in files:
         with safe_open(f, framework="pt") as sf:

@@ -48,6 +48,11 @@ class PassTimer:
         if self.after is not None:
             self.after(phase)
 
+    @property
+    def phase(self) -> str | None:
+        """"prefill" or "decode" while a pass runs (its forward hooks included), else the last pass's."""
+        return self._pass[0] if self._pass is not None else None
+
     def stats(self) -> dict:
         (pt, ps, _), (dt, ds, dn) = self.acc["prefill"], self.acc["decode"]
         return {"prefill_tokens": pt, "prefill_seconds": ps, "prefill_tokens_per_s": pt / ps if ps else 0.0,

@@ -123,7 +123,8 @@ def test_offload_eval_cli(llama, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # tied embeddings / untied with q, k, v biases
 def test_layer_by_layer_reference_equals_the_hf_model(kind, tmp_path):
-    from offload.layerwise import LayerwiseModel, SourceModel
+    from offload.layerwise import LayerwiseModel
+    from offload.source import SourceModel
     model_dir, _ = tiny.make(kind, tmp_path)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

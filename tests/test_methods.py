@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import offload
-from offload import int8, methods, quant
+from offload import methods, quant
+from offload.modules import Int8Linear
 from offload.cli import quantize_main
 from offload.errors import OffloadError
 from offload.store import WeightsDir, quantize_model
@@ -47,9 +48,9 @@ def test_every_method_round_trips_through_dequantize(k):
         assert torch.equal(again[0], packed) and torch.equal(again[1], scales), name
         assert (wq - w).abs().max() < 2 * w.abs().max() / 7, name
     assert torch.equal(results["absmax"][1], methods.absmax_scales(w))
-    q8, s8 = int8.quantize(w)
+    q8, s8 = quant.quantize_int8(w)
     assert q8.shape == (48, kp) and s8.shape == (48, kp // 128)
-    assert (int8.dequantize(q8, s8, w.shape) - w).abs().max() <= s8.float().max() / 2 + 1e-6
+    assert (quant.dequantize_int8(q8, s8, w.shape[1]) - w).abs().max() <= s8.float().max() / 2 + 1e-6
 
 
 def test_mse_never_reconstructs_a_block_worse_than_absmax():
@@ -138,7 +139,7 @@ def test_lm_head_int8_and_bf16_stay_resident_and_match_their_reference(llama, tm
     for name, module in ref.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             module.weight.data = quant.dequantize(*methods.quantize_weight(module.weight.data, "mse"), module.weight.shape)
-    ref.lm_head.weight = torch.nn.Parameter(int8.dequantize(*int8.quantize(head), head.shape) if precision == "int8"
+    ref.lm_head.weight = torch.nn.Parameter(quant.dequantize_int8(*quant.quantize_int8(head), head.shape[1]) if precision == "int8"
                                             else head.to(torch.bfloat16).float())
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with offload.load(model_dir, tmp_path / "w", cache="full", device="cpu", dtype=torch.float32,
@@ -163,12 +164,12 @@ def test_int8_linear_module_kernel_and_cpu_copy_match_the_reference(monkeypatch,
     from offload.kernels import FORCE_TRITON_ENV
     g = torch.Generator().manual_seed(0)
     n, k = 40, 300  # K not a multiple of the block
-    q, s = int8.quantize(torch.randn(n, k, generator=g))
+    q, s = quant.quantize_int8(torch.randn(n, k, generator=g))
     bias = torch.rand(n, generator=g)
-    lin = int8.Int8Linear(k, n, bias=True)
+    lin = Int8Linear(k, n, bias=True)
     lin.load_state_dict({"qweight": q, "scales": s, "bias": bias}, assign=True)
     x = torch.randn(2, 3, k, generator=g).to(dtype)
-    want = x.float() @ int8.dequantize(q, s, (n, k)).t() + bias
+    want = x.float() @ quant.dequantize_int8(q, s, k).t() + bias
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * want.abs().max().item())
     torch.testing.assert_close(lin(x).float(), want, **tol)
     if torch.cuda.is_available():

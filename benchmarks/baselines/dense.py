@@ -14,9 +14,9 @@ def linear_weight(info, parts, dtype, device=None) -> torch.Tensor:
         packed, scales = parts
         return quant.dequantize(packed, scales, info.shape, dtype)
     if kind == "int8":
-        from offload import int8
+        from offload import quant
         qweight, scales = parts
-        return int8.dequantize(qweight, scales, info.shape, dtype)
+        return quant.dequantize_int8(qweight, scales, info.shape[1], dtype)
     (w,) = parts
     return w.to(dtype)
 

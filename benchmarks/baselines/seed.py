@@ -240,7 +240,7 @@ class SeedPeer:
         return model.eval()
 
     def _count(self, module, args, kwargs, output) -> None:
-        phase = self.timer._pass[0]
+        phase = self.timer.phase
         self._h2d[phase] += self.cache.h2d_bytes - self._mark
 
     def reset_stats(self) -> None:

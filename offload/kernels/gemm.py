@@ -2,7 +2,7 @@
 
 Shapes and dtypes:
   x       bf16/fp16/fp32 [M, K]      unit stride along K
-  packed  uint8 [N, Kp // 2]          (see kernels/_common.py for the nibble layout)
+  packed  uint8 [N, Kp // 2]          (offload/quant.py defines the layout)
   scales  bf16  [N, Kp // GROUP]      GROUP a power of two, a multiple of BLOCK_K
   bias    any float [N] or None
   out     x.dtype [M, N]
@@ -11,10 +11,10 @@ Prefill is compute-bound: each [BLOCK_K, BLOCK_N] weight tile is unpacked and sc
 registers, then fed to tl.dot (tensor cores) with an fp32 accumulator. Programs are ordered in
 GROUP_M-tall column bands so neighbouring programs reuse the same weight tiles from L2.
 """
-import torch
 import triton
 import triton.language as tl
 
+from .. import quant
 from ._common import PerArchAutotuner, bucket, check_launch, dot_dtype, prune_by_smem, unpack_nibbles_f32
 
 
@@ -131,12 +131,7 @@ def fused_gemm(x, packed, scales, in_features, bias=None, out=None):
 
 def gemm_ref(x, packed, scales, in_features, bias=None):
     """Pure torch, the kernel's arithmetic: scale the unpacked weights, then one fp32 matmul."""
-    n = packed.shape[0]
-    low = (packed & 0x0F).to(torch.int16) - 8
-    high = (packed >> 4).to(torch.int16) - 8
-    q = torch.stack((low, high), dim=-1).reshape(n, -1).float()  # [N, Kp]
-    group = q.shape[1] // scales.shape[1]
-    w = (q * scales.float().repeat_interleave(group, dim=1))[:, :in_features]  # [N, K]
+    w = quant.dequantize(packed, scales, (packed.shape[0], in_features))  # fp32 [N, K]
     out = x.float() @ w.t()
     if bias is not None:
         out = out + bias.float()

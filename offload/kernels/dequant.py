@@ -1,7 +1,7 @@
 """int4 + scales -> dense matrix (the bf16 cache mode and the fallback before F.linear).
 
 Shapes and dtypes:
-  packed  uint8 [N, Kp // 2]       (see kernels/_common.py for the nibble layout)
+  packed  uint8 [N, Kp // 2]       (offload/quant.py defines the layout)
   scales  bf16  [N, Kp // GROUP]   GROUP = Kp // scales.shape[1], any even size
   out     dtype [N, K]             K = in_features <= Kp; padded columns are not written
 """
@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import quant
 from ._common import PerArchAutotuner, bucket, prune_by_smem, unpack_nibbles_f32
 
 
@@ -98,9 +99,5 @@ def dequantize(packed, scales, in_features, dtype=torch.bfloat16, out=None):
 
 def dequantize_ref(packed, scales, in_features, dtype=torch.bfloat16):
     """Pure torch: the same mapping as `dequantize`, computed in fp32 and cast once."""
-    group = _check_format(packed, scales, in_features)
-    low = (packed & 0x0F).to(torch.int16) - 8
-    high = (packed >> 4).to(torch.int16) - 8
-    q = torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1).float()  # [N, Kp]
-    w = q * scales.float().repeat_interleave(group, dim=1)
-    return w[:, :in_features].to(dtype)
+    _check_format(packed, scales, in_features)
+    return quant.dequantize(packed, scales, (packed.shape[0], in_features), dtype)

@@ -2,8 +2,8 @@
 
 Shapes and dtypes:
   x       bf16/fp16/fp32 [M, K]      M <= 16, unit stride along K
-  packed  uint8 [N, Kp // 2]          bits=4 (see kernels/_common.py for the nibble layout)
-          int8  [N, Kp]               bits=8: the int8 output-projection format (offload/int8.py)
+  packed  uint8 [N, Kp // 2]          bits=4 (offload/quant.py defines the layout)
+          int8  [N, Kp]               bits=8: the int8 output-projection format (offload/quant.py)
   scales  bf16  [N, Kp // GROUP]      GROUP a power of two >= 32
   bias    any float [N] or None
   out     x.dtype [M, N]
@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import quant
 from ._common import (PerArchAutotuner, bucket, check_launch, dot_dtype, next_pow2, prune_by_smem, sm_count,
                       unpack_nibbles_f32)
 
@@ -214,9 +215,7 @@ def fused_gemv(x, packed, scales, in_features, bias=None, out=None, split_k=None
 def gemv_ref(x, packed, scales, in_features, bias=None):
     """Pure torch, the kernel's arithmetic: per scale block, fp32 (x_block @ q_block.T) * scale, summed."""
     n, n_groups = packed.shape[0], scales.shape[1]
-    low = (packed & 0x0F).to(torch.int16) - 8
-    high = (packed >> 4).to(torch.int16) - 8
-    q = torch.stack((low, high), dim=-1).reshape(n, -1).float()  # [N, Kp]
+    q = quant.unpack_nibbles(packed).float()  # [N, Kp]
     kp = q.shape[1]
     xf = torch.nn.functional.pad(x.float(), (0, kp - in_features))  # [M, Kp]
     parts = torch.einsum("mgc,ngc->gmn", xf.view(x.shape[0], n_groups, -1), q.view(n, n_groups, -1))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import quant
+
 _GROUP_SIZES = (256, 128, 64, 32)
 _N_ALIGN = 64
 _K_ALIGN = 32
@@ -79,18 +81,6 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, C] -> uint8 [N, 2C] of stored nibbles u = q + 8 (column 2j = low nibble of byte j)."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(packed.shape[0], -1)
-
-
-def _reference_dequantize(packed: torch.Tensor, scales: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """(uint8 [N, Kp/2], bf16 [N, Kp/block]) -> dtype [N, K]; w = (u - 8) * scale."""
-    n, kp = packed.shape[0], packed.shape[1] * 2
-    q = _unpack_nibbles(packed).view(n, scales.shape[1], -1).float() - 8.0
-    return (q * scales.float().unsqueeze(-1)).view(n, kp)[:, :k].to(dtype)
-
-
 def _pack_halves(packed: torch.Tensor, bn: int) -> torch.Tensor:
     """Our bytes uint8 [Np, Kc/2] -> the op's order uint8 [Np, Kc/2] (see module docstring), Np % bn == 0."""
     n, kc = packed.shape[0], packed.shape[1] * 2
@@ -103,8 +93,8 @@ def _pack_halves(packed: torch.Tensor, bn: int) -> torch.Tensor:
 
 
 def _pack_with_op(packed: torch.Tensor) -> torch.Tensor:
-    """Our bytes uint8 [Np, Kc/2] -> the op's order, through the op's int32 [Np, Kc] input."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(packed).to(torch.int32), 2)
+    """Our bytes uint8 [Np, Kc/2] -> the op's order, through the op's int32 [Np, Kc] input (stored nibbles q + 8)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(quant.unpack_nibbles(packed).to(torch.int32) + 8, 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +112,7 @@ def cpu_int4_available() -> bool:
         y = aten._weight_int4pack_mm_for_cpu(x, _pack_with_op(packed), 64, scale)
     except (RuntimeError, NotImplementedError):
         return False
-    ref = x.float() @ ((_unpack_nibbles(packed).float() - 8) * 0.5).T
+    ref = x.float() @ (quant.unpack_nibbles(packed).float() * 0.5).T
     return bool(torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-1))
 
 
@@ -245,7 +235,7 @@ def cpu_int4_linear(x: torch.Tensor, w: CpuInt4Weight, bias: torch.Tensor | None
     x2 = x.reshape(-1, k)  # [M, K]
     if not w.fast:
         _warn_fallback("weight was repacked without the fast op")
-        y = F.linear(x2, _reference_dequantize(w.packed, w.scales, k, x.dtype), bias)
+        y = F.linear(x2, quant.dequantize(w.packed, w.scales, (n, k), x.dtype), bias)
         return y.reshape(*lead, n)
 
     bn = _layout()

@@ -3,15 +3,17 @@ int8 output projection: `int8_linear`).
 
 Shapes and dtypes:
   x       bf16/fp16/fp32 [..., K]     any leading dims
-  packed  uint8 [N, Kp // 2]          (see kernels/_common.py for the nibble layout)
+  packed  uint8 [N, Kp // 2]          (offload/quant.py defines the layout)
   scales  bf16  [N, Kp // GROUP]
   bias    any float [N] or None
   result  x.dtype [..., N]
 
-Choice by M = x.numel() // K: the fused decode kernel (gemv) for M <= 16, the fused prefill
-kernel (gemm) above, and dequantize + F.linear only for block sizes the fused kernels do not
-handle. CPU tensors take a pure-torch path unless OFFLOAD_FORCE_TRITON=1 (tests, which also run
-Triton's interpreter with TRITON_INTERPRET=1).
+Every choice of how a product runs is made here. `int4_backend` picks, per device and dtype:
+  triton    cuda (or cpu with OFFLOAD_FORCE_TRITON=1: tests, under TRITON_INTERPRET=1); then by
+            M = x.numel() // K the fused decode kernel (gemv) for M <= 16, the fused prefill kernel
+            (gemm) above, and dequantize + F.linear for block sizes the fused kernels do not handle
+  cpu_int4  bf16 on cpu: PyTorch's CPU int4 kernel (its own host layout: offload.formats.CpuInt4Format)
+  torch     everything else (float32 on cpu): the exact fp32 torch reference
 """
 import os
 
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 
 from . import gemm as _gemm
 from . import gemv as _gemv
+from .. import quant
+from . import cpu_int4
 from ._common import INTERPRET
 from .dequant import dequantize, dequantize_ref
 
@@ -40,6 +44,15 @@ def use_triton(x: torch.Tensor) -> bool:
     if not INTERPRET:
         raise RuntimeError(f"{FORCE_TRITON_ENV}=1 on a CPU tensor needs TRITON_INTERPRET=1 set before import")
     return True
+
+
+def int4_backend(device: torch.device, dtype: torch.dtype, block_size: int) -> str:
+    """"triton", "cpu_int4" or "torch": how int4 products with `dtype` activations on `device` run."""
+    if device.type == "cuda" or triton_forced():
+        return "triton"
+    if dtype == torch.bfloat16 and block_size % 32 == 0 and cpu_int4.cpu_int4_available():
+        return "cpu_int4"
+    return "torch"
 
 
 def _rows(x, weight, scales, in_features):
@@ -73,12 +86,21 @@ def int4_linear(x, packed, scales, in_features, bias=None):
     return out.view(*lead, n)
 
 
-def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24):
+def int4_dequantize(packed, scales, in_features, dtype):
+    """(packed uint8 [N, Kp/2], scales [N, Kp/block]) -> dtype [N, K]: the Triton kernel on cuda, else the reference."""
+    if packed.is_cuda or triton_forced():
+        return dequantize(packed, scales, in_features, dtype=dtype)
+    return quant.dequantize(packed, scales, (packed.shape[0], in_features), dtype)
+
+
+def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24, dense=None):
     """x [..., K] @ (qweight int8 [N, Kp] * block scales)[:, :K].T (+ bias) -> [..., N] in x.dtype.
 
-    M <= 16 (decode; the output projection of a prefill too, since generate keeps only the last
-    position's logits) reads the int8 bytes once in the fused kernel; larger M dequantizes
+    On the Triton path, M <= 16 (decode; the output projection of a prefill too, since generate keeps
+    only the last position's logits) reads the int8 bytes once in the fused kernel; larger M dequantizes
     `chunk_elems` weights at a time into x.dtype for F.linear, so the transient stays small.
+    Elsewhere the weight is dequantized once into x.dtype and kept in `dense` (a dict the caller owns):
+    host RAM is not the scarce memory there, and a dequantize per token made cpu decode ~3x slower.
     """
     x2 = _rows(x, qweight, scales, in_features)  # [M, K]
     lead, n, m = x.shape[:-1], qweight.shape[0], x2.shape[0]
@@ -86,7 +108,12 @@ def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24)
         return x.new_empty(*lead, n)
     group = qweight.shape[1] // scales.shape[1]
     if not use_triton(x):
-        out = int8_linear_ref(x2, qweight, scales, in_features, bias, chunk_elems)
+        if dense is None:
+            out = int8_linear_ref(x2, qweight, scales, in_features, bias, chunk_elems)
+        else:
+            if dense.get("w") is None or dense["w"].dtype != x.dtype:
+                dense["w"] = quant.dequantize_int8(qweight, scales, in_features, x.dtype)  # [N, K]
+            out = F.linear(x2, dense["w"], bias.to(x.dtype) if bias is not None else None)
     elif m <= _gemv.MAX_M and _gemv.supported_group(group):
         out = _gemv.fused_gemv(x2, qweight, scales, in_features, bias, bits=8)
     else:
@@ -99,12 +126,7 @@ def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24)
     return out.view(*lead, n)
 
 
-def int8_dequantize_ref(qweight, scales, in_features, dtype=torch.float32):
-    """(qweight int8 [N, Kp], scales [N, Kp / block]) -> dtype [N, K], computed in fp32."""
-    n, kp = qweight.shape
-    block = kp // scales.shape[1]
-    w = qweight.view(n, kp // block, block).float() * scales.float().unsqueeze(-1)
-    return w.view(n, kp)[:, :in_features].to(dtype)
+int8_dequantize_ref = quant.dequantize_int8
 
 
 def int8_linear_ref(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24):

@@ -5,8 +5,8 @@ prefill (gemm) kernel by the number of activation rows. `int8_linear` serves an 
 projection. Nothing here imports the engine.
 """
 from .dequant import dequantize, dequantize_ref
-from .dispatch import (FORCE_TRITON_ENV, int4_linear, int4_linear_ref, int8_dequantize_ref, int8_linear, int8_linear_ref,
-                       triton_forced, use_triton)
+from .dispatch import (FORCE_TRITON_ENV, int4_backend, int4_dequantize, int4_linear, int4_linear_ref,
+                       int8_dequantize_ref, int8_linear, int8_linear_ref,                       triton_forced, use_triton)
 from .gemm import fused_gemm, gemm_ref
 from .gemv import fused_gemv, gemv_ref
 
@@ -18,6 +18,8 @@ __all__ = [
     "fused_gemv",
     "gemm_ref",
     "gemv_ref",
+    "int4_backend",
+    "int4_dequantize",
     "int4_linear",
     "int4_linear_ref",
     "int8_dequantize_ref",
