@@ -129,7 +129,7 @@ def run(ms, reps):
 
 
 def check_targets(rows):
-    """The issue's targets, where this run measured the rows they need."""
+    """The kernel targets (benchmarks/README.md), where this run measured the rows they need."""
     fused = {(r["shape"], r["M"]): r for r in rows if r["impl"] == "fused int4"}
     checks = []
     for shape in MLP_SHAPES:

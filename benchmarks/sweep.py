@@ -457,7 +457,8 @@ class Sweep:
                         if engine is None:
                             engine = offload.load(self.config, self.weights, cache=spec, policy=policy,
                                                   device=self.device, dtype=self.dtype, cache_format=fmt,
-                                                  device_memory=self.device_memory, progress=False)
+                                                  device_memory=self.device_memory, progress=False,
+                                                  emulate_copies=True)  # the cache budget is what is swept
                         else:
                             engine.replan(spec, policy)
                     except Exception as e:  # noqa: BLE001 - a row that cannot run is reported, the sweep goes on

@@ -104,6 +104,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=_positive_int, default=None, metavar="N",
                    help="longest context (prompt + reply) in tokens: the auto cache budget leaves KV room for it and "
                         "longer prompts are refused (default 4096, or the model's context if shorter)")
+    p.add_argument("--emulate-copies", action="store_true",
+                   help="cpu: copy each matrix into a cache of the --cache budget as a GPU would (to study the "
+                        "cache; slower). By default the cpu reads the weights in place (zero-copy)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of each weight shard while it loads")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -135,7 +138,7 @@ def open_engine(args):
         model_dir, weights_dir = args.model_dir, args.weights_dir or args.model_dir
     return load(model_dir, weights_dir, cache=args.cache, policy=args.policy, device=args.device, dtype=args.dtype,
                 cache_format=args.cache_format, threads=args.threads, ctx_size=args.ctx_size,
-                verify=not getattr(args, "no_verify", False))
+                verify=not getattr(args, "no_verify", False), emulate_copies=args.emulate_copies)
 
 
 # ---- offload-run ----
@@ -420,7 +423,9 @@ def stats_summary(s: dict) -> str:
     from .units import fmt_bytes
     cpu = s["device"] == "cpu"
     cache = f"cache:   {s['cache_hits']} hits, {s['cache_misses']} misses ({100 * s['hit_rate']:.1f}% hit)"
-    if s["h2d_bytes_per_token"]:
+    if s.get("zero_copy"):
+        cache = "weights: read in place from host RAM (zero-copy on cpu)"
+    elif s["h2d_bytes_per_token"]:
         cache += (f", {fmt_bytes(s['h2d_bytes_per_token'])} copied per decoded token, "
                   f"{s['prefetch_waits']} prefetch waits")
     memory = (f"memory:  cache budget {fmt_bytes(s['cache_budget_bytes'])}, resident {fmt_bytes(s['resident_bytes'])}, "

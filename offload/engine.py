@@ -98,7 +98,8 @@ class Engine:
     """
 
     def __init__(self, model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None,
-                 cache_format="int4", device_memory=None, ctx_size=None, progress=True, verify=True):
+                 cache_format="int4", device_memory=None, ctx_size=None, progress=True, verify=True,
+                 emulate_copies=False):
         self._closed = True
         self._generate_lock = threading.Lock()
         self.device_memory = device_memory
@@ -143,7 +144,9 @@ class Engine:
         self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress,
                                             repack=self.fmt if hasattr(self.fmt, "write_host") else None)
         self.cache = self._plan(cache, policy, small_device_bytes)
-        self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device)
+        # cpu: the host buffer is what the compute reads; copying into a "device" slot only emulates a GPU
+        self.zero_copy = self.device.type == "cpu" and self.fmt.views_host and not emulate_copies
+        self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device, zero_copy=self.zero_copy)
         self._closed = False
         atexit.register(self.close)  # stop the thread and unpin host memory before the interpreter goes
 
@@ -270,7 +273,7 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.timer.reset()
         self._h2d = {"prefill": 0, "decode": 0}  # bytes copied in during each phase's passes
-        self._counters0 = (self.cache.hits, self.cache.misses)
+        self._counters0 = (self.cache.hits + self.prefetcher.bound_uses, self.cache.misses)
 
     def _before_pass(self, phase: str) -> None:
         self._h2d0 = self.cache.h2d_bytes
@@ -284,7 +287,8 @@ class Engine:
         t = self.timer.stats()
         dt = t["decode_tokens"]
         pb, db = self._h2d["prefill"], self._h2d["decode"]
-        hits, misses = self.cache.hits - self._counters0[0], self.cache.misses - self._counters0[1]
+        hits = self.cache.hits + self.prefetcher.bound_uses - self._counters0[0]
+        misses = self.cache.misses - self._counters0[1]
         cuda = self.device.type == "cuda"
         entries = self.store.entries
         rss = psutil.Process().memory_info().rss
@@ -300,19 +304,23 @@ class Engine:
             "cache_budget_entries": self.cache.budget.limit if self.cache.budget.unit == "entries" else None,
             "resident_bytes": self.cache.resident_bytes, "pinned_bytes": self.cache.pinned_bytes,
             "streamed_bytes_per_token": sum(e.nbytes for k, e in entries.items() if k not in self.cache.pinned)
-            if self.cache.policy == "pin" else None,
+            if self.cache.policy == "pin" and not self.zero_copy else 0 if self.zero_copy else None,
             "model_bytes": sum(e.nbytes for e in entries.values()), "host_bytes": self.store.nbytes,
             "cache_model_bytes": self.cache.model_bytes,  # the whole model in the cache format's bytes
             "host_pinned": self.store.pinned,
             "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if cuda
             else self.cache.peak_bytes + self._small_bytes,
             "rss_bytes": rss, "peak_rss_bytes": max(rss, _peak_rss() or 0),
-            "threads": torch.get_num_threads(), "ctx_size": self.ctx_size,
+            "threads": torch.get_num_threads(), "ctx_size": self.ctx_size, "zero_copy": self.zero_copy,
         }
 
     def memory_plan(self) -> str:
         """One line: budget, resident bytes, streamed bytes per token."""
         s = self.stats
+        if self.zero_copy:
+            return (f"memory plan: zero-copy on cpu: the {fmt_bytes(s['model_bytes'])} of int4 weights are read in "
+                    f"place from host RAM (the cache budget applies to GPUs, or with --emulate-copies); "
+                    f"{self.device} {str(self.dtype).removeprefix('torch.')}")
         streamed = s["streamed_bytes_per_token"]
         streamed = f"streamed {fmt_bytes(streamed)}/token" if streamed is not None else "streamed: up to the model/token"
         return (f"memory plan: {self.cache.plan_line()}, {streamed}; model {fmt_bytes(s['model_bytes'])} int4 in "
@@ -376,7 +384,7 @@ class Engine:
 
 
 def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None, cache_format="int4",
-         device_memory=None, threads=None, ctx_size=None, progress=True, verify=True) -> Engine:
+         device_memory=None, threads=None, ctx_size=None, progress=True, verify=True, emulate_copies=False) -> Engine:
     """Load an offloaded model.
 
     model_dir: the HF model dir (config; may be None: the weights dir carries a copy).
@@ -391,8 +399,10 @@ def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dty
     ctx_size: the longest context (prompt + reply) the "auto" budget leaves KV-cache room for;
     None = 4096 tokens or the model's context if shorter.
     verify: check each shard's sha256 while it is read (False skips it).
+    emulate_copies: on cpu, copy each matrix into a cache slot of the budget as a GPU would (tests, sweeps);
+    by default the cpu computes from the host buffer in place (zero-copy: the budget does not apply).
     """
     set_threads(threads)
     return Engine(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype,
                   cache_format=cache_format, device_memory=device_memory, ctx_size=ctx_size, progress=progress,
-                  verify=verify)
+                  verify=verify, emulate_copies=emulate_copies)

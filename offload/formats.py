@@ -20,6 +20,7 @@ FORMATS = ("int4", "bf16")
 class Int4Format:
     """Packed int4 + scales in the slot; fused int4 matmul."""
     name = "int4"
+    views_host = True  # materialize returns views of the entry's bytes: the cpu can compute from the host buffer
 
     def __init__(self, block_size: int, device: torch.device, dtype: torch.dtype):
         self.block_size = block_size
@@ -73,6 +74,7 @@ class CpuInt4Format(Int4Format):
 class Bf16Format:
     """A dequantized weight [N, K] of the compute dtype in the slot; F.linear."""
     name = "bf16"
+    views_host = False
 
     def __init__(self, block_size: int, device: torch.device, dtype: torch.dtype):
         self.block_size, self.device, self.dtype = block_size, device, dtype

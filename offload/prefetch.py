@@ -7,6 +7,11 @@ Synchronization, on cuda:
 The host never waits for the device in the steady state: the compute thread only blocks when
 the copy of the entry it needs has not even been issued yet. On cpu the same thread and logic
 run with plain synchronous copies and no events.
+
+Bound entries skip all of that: a matrix of the `pin` resident set, once copied and waited for, is
+computed from its slot directly (no lock, no events, no allocation): only streamed matrices go through
+acquire/release. With `zero_copy` (cpu, int4 slots) every matrix is bound to its bytes in the host
+buffer from the start: on cpu the host buffer is the memory the compute reads, so a copy buys nothing.
 """
 import threading
 
@@ -32,8 +37,8 @@ class Prefetcher:
     """Computes OffloadedLinear's products (`linear`) from device slots; owns the copy stream and the
     thread. `attach(model)` registers the pass hooks; `restart(cache)` serves a new cache plan."""
 
-    def __init__(self, cache, store, fmt, device: torch.device):
-        self.store, self.fmt, self.device = store, fmt, device
+    def __init__(self, cache, store, fmt, device: torch.device, zero_copy: bool = False):
+        self.store, self.fmt, self.device, self.zero_copy = store, fmt, device, zero_copy
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.cond = threading.Condition()
@@ -53,6 +58,11 @@ class Prefetcher:
         self.thread = None
         self.error = None
         self.closed = False
+        self.bound: dict = {}  # key -> slot data, computed from without the lock
+        self.bound_uses = 0  # products computed from bound entries (hits the cache never sees)
+        if self.zero_copy:
+            self.recording = False
+            self.bound = {k: self.fmt.materialize(self.store.raw(k), e) for k, e in self.store.entries.items()}
 
     def attach(self, model) -> None:
         """Hooks around each forward pass of `model`: the first pass records the order of accesses."""
@@ -66,6 +76,10 @@ class Prefetcher:
 
     # ---- compute thread ----
     def linear(self, key: str, x: torch.Tensor, bias) -> torch.Tensor:  # x [..., K] -> [..., N]
+        data = self.bound.get(key)
+        if data is not None:
+            self.bound_uses += 1
+            return self.fmt.linear(x, data, bias)
         slot = self.acquire(key)
         try:
             return self.fmt.linear(x, slot.data, bias)
@@ -126,12 +140,19 @@ class Prefetcher:
             slot.consumed.record(torch.cuda.current_stream(self.device))
         with self.cond:
             slot.in_use -= 1
+            if not self.recording and slot.key in self.cache.pinned:
+                # resident for good and already waited for on the compute stream: later uses skip the lock
+                self.bound[slot.key] = slot.data
             if self.room_wait:
                 self.cond.notify_all()
 
     def _advance(self, key: str) -> None:
         n = len(self.order)
         nxt = (self.pos + 1) % n
+        for _ in range(n):  # bound entries are used without passing here: step over them
+            if self.order[nxt] not in self.bound:
+                break
+            nxt = (nxt + 1) % n
         if self.order[nxt] != key:
             if key not in self.positions:
                 return  # never seen in the recorded pass: served on demand
@@ -219,6 +240,7 @@ class Prefetcher:
         return slot
 
     def _evict(self, key: str) -> None:
+        self.bound.pop(key, None)
         slot = self.slots.pop(key)
         self.cache.evict(key)
         if self.cuda and slot.consumed is not None:
@@ -246,6 +268,11 @@ class Prefetcher:
             self.cond.notify_all()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=10)
+        if self.cuda:
+            # bound slots record no `consumed` event: memory freed now is reused on the copy stream
+            # only after everything the compute stream has queued so far
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with self.cond:
+            self.bound = {}
             for key in list(self.slots):
                 self._evict(key)

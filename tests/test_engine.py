@@ -46,7 +46,7 @@ def check_against_reference(model_dir, weights_dir, device, cache, policy, cache
     assert len(set(expected[0, ids.shape[1]:].tolist())) > 3, "degenerate reference: the test would prove little"
     cache = minimal_budget(weights_dir) if cache == "minimal" else cache
     with offload.load(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=torch.float32,
-                      cache_format=cache_format, progress=False) as engine:
+                      cache_format=cache_format, progress=False, emulate_copies=True) as engine:
         got = greedy(engine.model, ids)
         assert torch.equal(got, expected)
         with torch.no_grad():
@@ -85,7 +85,7 @@ def test_pin_streams_exactly_the_unpinned_set_and_lru_thrashes(models, device):
     model_dir, weights_dir = models["qwen2"]
     linears = {k: t for k, t in tiny.manifest(weights_dir)["tensors"].items() if t["role"] == "linear"}
     with offload.load(model_dir, weights_dir, cache="50%", policy="pin", device=device, dtype=torch.float32,
-                      progress=False) as engine:
+                      progress=False, emulate_copies=True) as engine:
         greedy(engine.model, prompt_ids(device))
         pinned = engine.cache.pinned
         assert 0 < len(pinned) < len(linears)
@@ -95,7 +95,7 @@ def test_pin_streams_exactly_the_unpinned_set_and_lru_thrashes(models, device):
                                (quantized_nbytes(linears[k]["shape"]) for k in linears if k not in pinned))
         assert engine.stats["h2d_bytes_per_token"] == streamed
     with offload.load(model_dir, weights_dir, cache="50%", policy="lru", device=device, dtype=torch.float32,
-                      progress=False) as engine:
+                      progress=False, emulate_copies=True) as engine:
         greedy(engine.model, prompt_ids(device))
         stats = engine.stats
         assert stats["h2d_bytes_per_token"] == stats["model_bytes"]
@@ -119,7 +119,7 @@ def test_budget_is_never_exceeded(models, device, policy, cache, monkeypatch):
     monkeypatch.setattr(DeviceCache, "admit", checked_admit)
     model_dir, weights_dir = models["llama"]
     with offload.load(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=torch.float32,
-                      progress=False) as engine:
+                      progress=False, emulate_copies=True) as engine:
         greedy(engine.model, prompt_ids(device, batch=2))
         assert engine.stats["cache_misses"] > 0
     assert len(seen) > NEW_TOKENS  # the check really ran on the streaming path
@@ -128,7 +128,7 @@ def test_budget_is_never_exceeded(models, device, policy, cache, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_prefetch_thread_failure_surfaces(models, device):
     model_dir, weights_dir = models["llama"]
-    with offload.load(model_dir, weights_dir, cache="50%", device=device, dtype=torch.float32, progress=False) as engine:
+    with offload.load(model_dir, weights_dir, cache="50%", device=device, dtype=torch.float32, progress=False, emulate_copies=True) as engine:
         materialize = engine.fmt.materialize
 
         def failing(raw, entry):
@@ -163,7 +163,7 @@ def test_generate_text_batched_matches_single(models, device):
 
 def test_close_is_clean_and_final(models):
     model_dir, weights_dir = models["llama"]
-    engine = offload.load(model_dir, weights_dir, cache="50%", dtype=torch.float32, progress=False)
+    engine = offload.load(model_dir, weights_dir, cache="50%", dtype=torch.float32, progress=False, emulate_copies=True)
     greedy(engine.model, prompt_ids("cpu"))
     thread = engine.prefetcher.thread
     assert thread.is_alive()
@@ -243,7 +243,7 @@ def test_replan_changes_budget_and_policy_in_place(models, device):
     ids = prompt_ids(device)
     expected = greedy(ref, ids)
     with offload.load(model_dir, weights_dir, cache="full", device=device, dtype=torch.float32,
-                      progress=False) as engine:
+                      progress=False, emulate_copies=True) as engine:
         store = engine.store
         assert torch.equal(greedy(engine.model, ids), expected)
         assert engine.stats["h2d_bytes_per_token"] == 0
@@ -262,3 +262,45 @@ def test_replan_changes_budget_and_policy_in_place(models, device):
             engine.replan("1B", "pin")  # below one entry: refused, the previous plan stays
         assert engine.memory_plan() == plan
         assert torch.equal(greedy(engine.model, ids), expected)
+
+
+def test_cpu_zero_copy_computes_from_the_host_buffer(models):
+    # cpu default: no copy into a cache slot at any budget; every matrix is read where the host store holds it
+    model_dir, weights_dir = models["llama"]
+    ids = prompt_ids("cpu")
+    with offload.load(model_dir, weights_dir, cache="25%", dtype=torch.bfloat16, progress=False,
+                      emulate_copies=True) as engine:
+        copied = greedy(engine.model, ids)
+        assert engine.stats["h2d_bytes"] > 0
+    with offload.load(model_dir, weights_dir, cache="25%", dtype=torch.bfloat16, progress=False) as engine:
+        assert torch.equal(greedy(engine.model, ids), copied)
+        stats, store, pre = engine.stats, engine.store, engine.prefetcher
+        assert stats["zero_copy"] and stats["h2d_bytes"] == 0 and stats["cache_misses"] == 0
+        assert pre.thread is None and set(pre.bound) == set(store.entries)
+        lo, hi = store.buffer.data_ptr(), store.buffer.data_ptr() + store.buffer.numel()
+        for data in pre.bound.values():
+            assert lo <= data.int4pack.data_ptr() < hi and lo <= data.scales_and_zeros.data_ptr() < hi
+        assert "zero-copy" in engine.memory_plan()
+
+
+def test_resident_matrices_are_bound_and_skip_the_prefetcher(models, monkeypatch):
+    # pin: once copied, a matrix of the resident set is computed from its slot without acquire/release
+    from offload.prefetch import Prefetcher
+    model_dir, weights_dir = models["qwen2"]
+    ids = prompt_ids("cpu")
+    expected = greedy(tiny.reference_model(model_dir), ids)
+    with offload.load(model_dir, weights_dir, cache="50%", policy="pin", dtype=torch.float32, progress=False,
+                      emulate_copies=True) as engine:
+        assert torch.equal(greedy(engine.model, ids), expected)
+        pinned, pre = engine.cache.pinned, engine.prefetcher
+        assert set(pre.bound) == pinned and 0 < len(pinned) < len(engine.store.entries)
+        acquired = []
+        real = Prefetcher.acquire
+        monkeypatch.setattr(Prefetcher, "acquire", lambda self, key: acquired.append(key) or real(self, key))
+        engine.reset_stats()
+        assert torch.equal(greedy(engine.model, ids), expected)
+        stats = engine.stats
+    assert acquired and not set(acquired) & pinned  # only the streamed matrices went through the lock
+    passes = NEW_TOKENS  # one prefill and NEW_TOKENS - 1 decode steps
+    assert stats["cache_hits"] + stats["cache_misses"] == passes * len(engine.store.entries)
+    assert stats["h2d_bytes_per_token"] == stats["streamed_bytes_per_token"] > 0

@@ -243,7 +243,7 @@ def test_verified_and_ranged_reads_return_the_stored_tensors(llama):
 def test_concurrent_generate_calls_equal_the_single_threaded_ones(llama):
     prompts = ["one", "two plus two", "the quick brown fox", "zzz"]
     with load(llama[0], llama[1], cache="25%", device="cpu", progress=False) as engine:
-        assert engine.cache.ring > 0  # streaming: the ring is what concurrent passes used to fight over
+        assert engine.cache.ring > 0  # streaming: the ring is what concurrent passes would fight over without the lock
         expect = {p: engine.generate(p, max_new_tokens=6) for p in prompts}
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             jobs = [(p, pool.submit(engine.generate, p, 6)) for p in prompts for _ in range(5)]

@@ -14,7 +14,6 @@ def linear_weight(info, parts, dtype, device=None) -> torch.Tensor:
         packed, scales = parts
         return quant.dequantize(packed, scales, info.shape, dtype)
     if kind == "int8":
-        from offload import quant
         qweight, scales = parts
         return quant.dequantize_int8(qweight, scales, info.shape[1], dtype)
     (w,) = parts

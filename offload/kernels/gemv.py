@@ -120,7 +120,7 @@ def _configs(family):
     # (BLOCK_N, num_warps, num_stages). Each stage holds BLOCK_N * GROUP / 2 weight bytes in flight.
     # Wide tiles on few warps suit only the tl.dot path; the FMA path drops them (fma_fits). No
     # (32, 4, *) on sm_90: its tl.dot variant spilled 8 bytes there (python -m offload.kernels.aot);
-    # nor (128, 4, 4): 8 bytes with Triton 3.6 (the GPU machine's), none with 3.9.
+    # nor (128, 4, 4): 8 bytes with Triton 3.6, none with 3.9.
     if family == 90:
         shapes = [(64, 4, 4), (64, 4, 6), (64, 8, 4), (128, 8, 4), (256, 8, 3), (32, 2, 6)]
     else:
