@@ -58,8 +58,8 @@ class CpuInt4Format(Int4Format):
     def write_host(self, raw: torch.Tensor, packed, scales, shape) -> None:
         w = cpu_int4.repack_for_cpu(packed, scales, shape[1])
         np_, kc, group, scales_offset = self._geometry(shape)
-        raw[: w.int4pack.numel()].copy_(w.int4pack.view(-1))
-        raw[scales_offset:].view(torch.bfloat16).copy_(w.scales_and_zeros.view(-1))
+        raw[: w.int4pack.numel()].copy_(w.int4pack.reshape(-1))
+        raw[scales_offset:].view(torch.bfloat16).copy_(w.scales_and_zeros.reshape(-1))
 
     def materialize(self, raw: torch.Tensor, entry):
         np_, kc, group, scales_offset = self._geometry(entry.shape)
