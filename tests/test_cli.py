@@ -132,7 +132,7 @@ def test_quantize_then_run_with_stats(models, tmp_path, capsys, keep_threads):
     stats_file = tmp_path / "stats.json"
     rc = run_main([str(llama), str(tmp_path / "w"), "--prompt", "1.1+2.3=?", "--max-new-tokens", "8",
                    "--cache", "50%", "--stats", "--stats-json", str(stats_file), "--seed", "3",
-                   "--temperature", "0.7", "--top-p", "0.9", "-t", "1"])
+                   "--temperature", "0.7", "--top-p", "0.9", "-t", "1", "--emulate-copies"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert out.strip()
@@ -159,12 +159,20 @@ def test_summary_on_cpu_leaves_out_copies_when_nothing_streams(models, tmp_path,
     llama, llama_w = models["llama"]
     stats_file = tmp_path / "stats.json"
     assert run_main([str(llama), str(llama_w), "-p", "hi", "-n", "4", "--cache", "full", "--stats",
-                     "--stats-json", str(stats_file)]) == 0
+                     "--stats-json", str(stats_file), "--emulate-copies"]) == 0
     err = capsys.readouterr().err
     s = json.loads(stats_file.read_text())
-    assert s["h2d_bytes_per_token"] == 0
+    assert s["h2d_bytes_per_token"] == 0 and not s["zero_copy"]
     cache_line = next(line for line in err.splitlines() if line.startswith("cache:"))
     assert cache_line == f"cache:   {s['cache_hits']} hits, {s['cache_misses']} misses ({100 * s['hit_rate']:.1f}% hit)"
+    # the default on cpu reads the weights in place at any budget: no cache figures at all
+    assert run_main([str(llama), str(llama_w), "-p", "hi", "-n", "4", "--cache", "25%", "--stats",
+                     "--stats-json", str(stats_file)]) == 0
+    err = capsys.readouterr().err
+    assert json.loads(stats_file.read_text())["zero_copy"]
+    assert "weights: read in place from host RAM (zero-copy on cpu)" in err.splitlines()
+    assert not any(line.startswith("cache:") for line in err.splitlines())
+    assert sum(line.startswith("memory plan: zero-copy on cpu") for line in err.splitlines()) == 1
     assert "peak device" not in err and " MB" not in err and " GB" not in err
     # on cuda the device peak replaces the process RSS
     gpu = stats_summary({**s, "device": "cuda:0", "peak_device_bytes": 3 << 29})
@@ -404,7 +412,7 @@ def test_demo_model_knows_the_capital_of_france(tmp_path_factory, monkeypatch, c
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "Paris" in out
-    assert "policy pin" in err and "decode:" in err
+    assert "zero-copy on cpu" in err and "decode:" in err
 
 
 def test_demo_quantizes_again_when_cached_weights_are_outdated(tmp_path, monkeypatch):
