@@ -242,6 +242,7 @@ def make_app(engine, model_name: str, api_key: str | None = None):
         queue.shutdown()
         async with queue.lock:  # the running generation has ended
             engine.close()
+        print("offload-serve: engine closed", file=sys.stderr)
 
     app = FastAPI(title="offload", lifespan=lifespan)
     app.state.queue = queue
