@@ -144,6 +144,17 @@ class Job:
             prompt, n_prompt, max_new, stops, kwargs, seed)
         self.completion_tokens = 0
         self.finish_reason = None
+        self.stream = None  # the TextStream once it runs
+        self.gone = False  # the client left: do not start, or stop
+
+
+async def _watch(request, job: Job) -> None:
+    """For a non-streamed reply: notice the client leaving (streamed ones are cancelled by starlette)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.2)
+    job.gone = True
+    if job.stream is not None:
+        job.stream.stop()
 
 
 class Queue:
@@ -177,10 +188,12 @@ class Queue:
         try:
             if self.closing:
                 raise ApiError(503, "the server is shutting down", "server_error")
+            if job.gone:
+                return
             if job.seed is not None:
                 torch.manual_seed(job.seed)  # one generation at a time: the global generator is ours
             stream = self.engine.generate(job.prompt, max_new_tokens=job.max_new, stream=True, **job.kwargs)
-            self.active, self.requests = stream, self.requests + 1
+            self.active, job.stream, self.requests = stream, stream, self.requests + 1
             cut = StopText(job.stops)
             try:
                 while True:
@@ -331,9 +344,13 @@ def make_app(engine, model_name: str, api_key: str | None = None):
         job = await prepare(req, prompt)
         top = head(kind)
         if not req.stream:
-            if await request.is_disconnected():
-                return None
-            text = "".join([piece async for piece in queue.pieces(job)])
+            watcher = asyncio.create_task(_watch(request, job))
+            try:
+                text = "".join([piece async for piece in queue.pieces(job)])
+            finally:
+                watcher.cancel()
+            if job.gone:
+                return None  # nobody to answer
             return {**top, "choices": [choice(kind, text, job.finish_reason, False)], "usage": _usage(job)}
         top["object"] += ".chunk" if kind == "chat" else ""
         usage = req.stream_options is not None and req.stream_options.include_usage

@@ -91,7 +91,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models):
-    with offload.load(*models, dtype=torch.float32, progress=False) as engine:
+    with offload.load(*models, dtype=torch.float32, threads=1, progress=False) as engine:
         yield engine
 
 
@@ -240,6 +240,18 @@ def test_disconnect_mid_stream_stops_the_generation(server, engine):
     generated = after["completion_tokens"] - before["completion_tokens"]
     late = after["engine"]["decode_tokens"] - at_close
     print(f"disconnect: {generated} of {new} tokens generated, {late} after the client closed")
+    assert generated < new // 2
+    # a non-streamed request whose client gives up is stopped too
+    before = server.stats()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", timeout=httpx.Timeout(60, read=1.0),
+                   json={"messages": chat, "max_tokens": new, "min_tokens": new, "temperature": 0})
+    deadline = time.time() + 60
+    while server.stats()["running"] or server.stats()["requests"] == before["requests"]:
+        assert time.time() < deadline, "the generation did not stop"
+        time.sleep(0.05)
+    generated = server.stats()["completion_tokens"] - before["completion_tokens"]
+    print(f"non-streamed disconnect: {generated} of {new} tokens generated")
     assert generated < new // 2
     # the next request is answered, and correctly
     text, _ = reference(engine, chat, 12)
