@@ -367,7 +367,7 @@ def make_app(engine, model_name: str, api_key: str | None = None):
                     yield _sse({**top, "choices": [], "usage": _usage(job)})
             except ApiError as e:  # the status line is sent already: the error goes in the stream
                 yield _sse(e.body())
-            except Exception as e:  # noqa: BLE001  (reported in the stream, one line in the log)
+            except Exception as e:  # any other failure: reported in the stream, one line in the log
                 print(f"offload-serve: error: {type(e).__name__}: {e}", file=sys.stderr)
                 yield _sse(ApiError(500, f"internal error ({type(e).__name__})", "server_error").body())
             yield "data: [DONE]\n\n"
