@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import psutil
+from jinja2 import TemplateError
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
@@ -22,6 +23,7 @@ from .prefetch import Prefetcher
 from .quant import padded_k
 from .source import check_no_custom_code, regular_file
 from .store import TensorInfo, WeightsDir
+from .stream import TextStream
 from .timing import PassTimer
 from .units import fmt_bytes
 
@@ -330,26 +332,38 @@ class Engine:
 
     # ---- generation ----
     def encode(self, prompts, chat=False):
-        """Tokenize prompt(s) (optionally through the chat template), left-padded, on the device."""
+        """Tokenize prompt(s), left-padded, on the device. A prompt is a string (through the chat template
+        with `chat=True`) or a chat: a list of {"role", "content"} dicts, always through the template."""
         if self.tokenizer is None:
             raise OffloadError(f"{self.weights.path} has no tokenizer files: pass token ids to engine.model.generate")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if chat:
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                        add_generation_prompt=True) for p in prompts]
-        else:
-            texts = prompts
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-        return enc.to(self.device)
+        batch = [prompts] if _is_single(prompts) else list(prompts)
+        if not batch:
+            raise OffloadError("no prompt given")
+        chats = [[{"role": "user", "content": p}] if isinstance(p, str) and chat else _check_chat(p) for p in batch]
+        if any(c is None for c in chats) and any(c is not None for c in chats):
+            raise OffloadError("a batch mixes chats and plain prompts: pass chat=True or one kind only")
+        if chats[0] is None:
+            return self.tokenizer(batch, return_tensors="pt", padding=True).to(self.device)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise OffloadError("this tokenizer has no chat template: pass plain prompts")
+        try:
+            texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+        except (TemplateError, ValueError, TypeError, KeyError) as e:  # the template's own checks (roles it refuses)
+            raise OffloadError(f"the chat template refused the messages: {e}") from e
+        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
 
-    def generate(self, prompts, max_new_tokens=128, chat=False, **generate_kwargs):
-        """Generate a completion for a prompt (str -> str) or a batch (list[str] -> list[str]).
+    def generate(self, prompts, max_new_tokens=128, chat=False, stream=False, **generate_kwargs):
+        """Generate a reply to a prompt or a chat (-> str) or to a list of them (-> list[str], batched).
 
-        Extra keyword arguments go to the HF `generate` (do_sample, temperature, streamer, ...);
-        without them decoding is greedy.
+        A chat is a list of {"role", "content"} dicts (any roles the chat template takes) and goes through
+        the template; a string does with `chat=True`. Extra keyword arguments go to the HF `generate`
+        (do_sample, temperature, stop_strings, ...); without them decoding is greedy. `stream=True` (one
+        prompt or chat) returns a `TextStream`: iterate it for the text pieces as they come.
         """
         if self._closed:
             raise OffloadError("the engine is closed")
+        if stream and not _is_single(prompts):
+            raise OffloadError("stream=True takes one prompt or chat, not a batch")
         enc = self.encode(prompts, chat)
         context = getattr(self.config, "max_position_embeddings", None)
         if context is not None and enc["input_ids"].shape[1] + max_new_tokens > context:
@@ -360,11 +374,20 @@ class Engine:
             generate_kwargs.setdefault("temperature", None)
             generate_kwargs.setdefault("top_p", None)
             generate_kwargs.setdefault("top_k", None)
-        with self._generate_lock, torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
+        generate_kwargs.setdefault("tokenizer", self.tokenizer)  # for stop_strings
+        kwargs = {**enc, "max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+                  **generate_kwargs}
+        if stream:
+            return TextStream(self._generate_locked, kwargs, self.tokenizer)
+        out = self._generate_locked(kwargs)
         texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        return texts[0] if isinstance(prompts, str) else texts
+        return texts[0] if _is_single(prompts) else texts
+
+    def _generate_locked(self, kwargs):
+        with self._generate_lock, torch.inference_mode():
+            if self._closed:
+                raise OffloadError("the engine is closed")
+            return self.model.generate(**kwargs)
 
     def close(self) -> None:
         """Stop the prefetch thread and free device and page-locked host memory."""
@@ -381,6 +404,22 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
+
+
+def _is_single(prompts) -> bool:
+    """A string or one chat (a list of message dicts), as opposed to a batch of them."""
+    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts)
+                                        and isinstance(prompts[0], dict))
+
+
+def _check_chat(messages):
+    """A chat as a list of message dicts; None for a plain string prompt."""
+    if isinstance(messages, str):
+        return None
+    if not isinstance(messages, (list, tuple)) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
+        raise OffloadError("a chat is a non-empty list of {'role': ..., 'content': ...} dicts")
+    return list(messages)
 
 
 def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None, cache_format="int4",
