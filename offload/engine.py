@@ -17,7 +17,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from .cache import POLICIES, DeviceCache, parse_budget
 from .errors import OffloadError
 from .formats import make_format
-from .host import HostStore, check_ram, layout
+from .fusion import fusion_groups, gather_biases, swap_fused
+from .host import HostStore, check_ram, entry_shapes, layout
 from .modules import empty_model, linear_modules, swap_host_embedding, swap_int8_linears, swap_linears
 from .prefetch import Prefetcher
 from .quant import padded_k
@@ -101,7 +102,7 @@ class Engine:
 
     def __init__(self, model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None,
                  cache_format="int4", device_memory=None, ctx_size=None, progress=True, verify=True,
-                 emulate_copies=False):
+                 emulate_copies=False, fuse=True):
         self._closed = True
         self._generate_lock = threading.Lock()
         self.device_memory = device_memory
@@ -140,11 +141,15 @@ class Engine:
         self.tokenizer = self._load_tokenizer(side_dirs)
 
         # registration order: usually the execution order, so the plan made now rarely changes
-        # once the first forward has recorded the real one
-        order = [f"{name}.weight" for name in linear_modules(model) if f"{name}.weight" in streamed]
+        # once the first forward has recorded the real one; a fused group takes its first part's place
+        self.groups = fusion_groups(model, streamed) if fuse else {}
+        fused_of = {p: g for g, parts in self.groups.items() for p in parts}
+        order = list(dict.fromkeys(fused_of.get(f"{name}.weight", f"{name}.weight") for name in linear_modules(model)
+                                   if f"{name}.weight" in streamed))
         self._check_plan(order, cache, policy)
         self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress,
-                                            repack=self.fmt if hasattr(self.fmt, "write_host") else None)
+                                            repack=self.fmt if hasattr(self.fmt, "write_host") else None,
+                                            groups=self.groups)
         self.cache = self._plan(cache, policy, small_device_bytes)
         # cpu: the host buffer is what the compute reads; copying into a "device" slot only emulates a GPU
         self.zero_copy = self.device.type == "cpu" and self.fmt.views_host and not emulate_copies
@@ -152,10 +157,12 @@ class Engine:
         self._closed = False
         atexit.register(self.close)  # stop the thread and unpin host memory before the interpreter goes
 
-        swap_linears(model, self.weights.linears, self.prefetcher)
+        swap_linears(model, [k for k in streamed if k not in fused_of], self.prefetcher)
+        products = swap_fused(model, self.groups, self.prefetcher)
         swap_int8_linears(model, [n for n, t in small.items() if getattr(t, "quant", None) == "int8"],
                           self.weights.block_size)
         self._load_small(model, small)
+        gather_biases(model, products)
         model.eval()
         gen_dir = next((d for d in side_dirs if (d / "generation_config.json").exists()), None)
         if gen_dir is not None:
@@ -205,7 +212,7 @@ class Engine:
             raise OffloadError(f"unknown cache policy {policy!r} (choose from {', '.join(POLICIES)})")
         if str(cache).strip() == "auto":
             return  # sized from free device memory once the rest is loaded
-        shapes = {k: self.weights.tensors[k].shape for k in order}
+        shapes = entry_shapes(self.weights.tensors, order, self.groups)
         entries, _ = layout(shapes, self.weights.block_size, getattr(self.fmt, "host_nbytes", None)
                             if hasattr(self.fmt, "write_host") else None)
         sizes = {k: self.fmt.slot_nbytes(e) for k, e in entries.items()}
@@ -423,7 +430,8 @@ def _check_chat(messages):
 
 
 def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None, cache_format="int4",
-         device_memory=None, threads=None, ctx_size=None, progress=True, verify=True, emulate_copies=False) -> Engine:
+         device_memory=None, threads=None, ctx_size=None, progress=True, verify=True, emulate_copies=False,
+         fuse=True) -> Engine:
     """Load an offloaded model.
 
     model_dir: the HF model dir (config; may be None: the weights dir carries a copy).
@@ -440,8 +448,9 @@ def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dty
     verify: check each shard's sha256 while it is read (False skips it).
     emulate_copies: on cpu, copy each matrix into a cache slot of the budget as a GPU would (tests, sweeps);
     by default the cpu computes from the host buffer in place (zero-copy: the budget does not apply).
+    fuse: one int4 matrix (one product) for q/k/v and one for gate/up (Llama, Mistral, Qwen2, Gemma families).
     """
     set_threads(threads)
     return Engine(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype,
                   cache_format=cache_format, device_memory=device_memory, ctx_size=ctx_size, progress=progress,
-                  verify=verify, emulate_copies=emulate_copies)
+                  verify=verify, emulate_copies=emulate_copies, fuse=fuse)

@@ -63,6 +63,15 @@ def layout(shapes: dict[str, tuple], block_size: int, host_nbytes=None) -> tuple
     return entries, offset
 
 
+def entry_shapes(tensors, order, groups) -> dict[str, tuple]:
+    """[N, K] of each entry in `order`: a fused entry (a key of `groups`) has its parts' rows, [sum N, K]."""
+    shapes = {}
+    for key in order:
+        parts = [tensors[p].shape for p in groups.get(key, [key])]
+        shapes[key] = (sum(n for n, _ in parts), parts[0][1])
+    return shapes
+
+
 def check_ram(need: int, what: str) -> None:
     available = psutil.virtual_memory().available
     if need + RAM_HEADROOM > available:
@@ -83,23 +92,38 @@ class HostStore:
             self._register()
 
     @classmethod
-    def from_weights(cls, weights, order, pin: bool, progress=True, repack=None) -> "HostStore":
+    def from_weights(cls, weights, order, pin: bool, progress=True, repack=None, groups=None) -> "HostStore":
         """Fill the store from a WeightsDir, one tensor at a time, laid out in `order`.
 
-        `repack` (a cache format with host_nbytes/write_host) converts each matrix once, here, into
-        the layout its kernel reads, so that moving it to a slot is a plain copy.
+        `groups` ({fused name: [part names]}, offload.fusion) makes one entry of each group: the parts'
+        rows concatenated, packed rows and scale rows alike. `repack` (a cache format with
+        host_nbytes/write_host) converts each matrix once, here, into the layout its kernel reads, so
+        that moving it to a slot is a plain copy.
         """
-        shapes = {k: weights.tensors[k].shape for k in order}
+        groups = groups or {}
+        shapes = entry_shapes(weights.tensors, order, groups)
         store = cls(shapes, weights.block_size, pin=False, host_nbytes=repack and repack.host_nbytes)
-        reads = weights.iter_read(store.entries)
-        for key, (qweight, scales) in tqdm(reads, total=len(store.entries), desc="loading int4 weights",
-                                           unit="matrix", disable=not progress):
-            n, k = shapes[key]
+        part_of = {p: (key, i) for key, parts in groups.items() for i, p in enumerate(parts)}
+        names = [p for key in order for p in groups.get(key, [key])]
+        pending = {}
+        for name, (qweight, scales) in tqdm(weights.iter_read(names), total=len(names), desc="loading int4 weights",
+                                            unit="matrix", disable=not progress):
+            n, k = weights.tensors[name].shape
             kp = quant.padded_k(k, weights.block_size)
             expect = [n, kp // 2], [n, kp // weights.block_size]
             if list(qweight.shape) != expect[0] or list(scales.shape) != expect[1]:
-                raise OffloadError(f"{key}: stored as {list(qweight.shape)} + {list(scales.shape)}, "
+                raise OffloadError(f"{name}: stored as {list(qweight.shape)} + {list(scales.shape)}, "
                                    f"the manifest shape {[n, k]} needs {expect[0]} + {expect[1]}")
+            key = name
+            if name in part_of:
+                key, i = part_of[name]
+                got = pending.setdefault(key, {})
+                got[i] = (qweight, scales)
+                if len(got) < len(groups[key]):
+                    continue
+                del pending[key]
+                qweight = torch.cat([got[j][0] for j in range(len(got))])  # [sum N, Kp/2]
+                scales = torch.cat([got[j][1] for j in range(len(got))])  # [sum N, Kp/block]
             if repack is not None:
                 repack.write_host(store.raw(key), qweight, scales, shapes[key])
             else:

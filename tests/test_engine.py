@@ -9,6 +9,7 @@ import torch
 import offload
 from offload.cache import DeviceCache
 from offload.errors import OffloadError
+from offload import store
 from offload.quant import quantized_nbytes
 
 import tiny
@@ -304,3 +305,40 @@ def test_resident_matrices_are_bound_and_skip_the_prefetcher(models, monkeypatch
     passes = NEW_TOKENS  # one prefill and NEW_TOKENS - 1 decode steps
     assert stats["cache_hits"] + stats["cache_misses"] == passes * len(engine.store.entries)
     assert stats["h2d_bytes_per_token"] == stats["streamed_bytes_per_token"] > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_qkv_and_gate_up_are_fused_into_one_matrix_each(models, kind):
+    # One entry per group, holding its parts' rows; the counters count the fused matrices.
+    model_dir, weights_dir = models[kind]
+    ids = prompt_ids("cpu")
+    with offload.load(model_dir, weights_dir, cache="50%", dtype=torch.float32, progress=False,
+                      emulate_copies=True, fuse=False) as plain:
+        expected = greedy(plain.model, ids)
+        plain_entries = dict(plain.store.entries)
+    with offload.load(model_dir, weights_dir, cache="50%", dtype=torch.float32, progress=False,
+                      emulate_copies=True) as engine:
+        assert torch.equal(greedy(engine.model, ids), expected)
+        stats, entries, groups = engine.stats, engine.store.entries, engine.groups
+    layers = tiny.config(kind).num_hidden_layers
+    assert len(groups) == 2 * layers and len(entries) == len(plain_entries) - 3 * layers
+    for fused, parts in groups.items():
+        assert entries[fused].shape == (sum(plain_entries[p].shape[0] for p in parts), plain_entries[parts[0]].shape[1])
+        assert not set(parts) & set(entries)
+    assert stats["cache_hits"] + stats["cache_misses"] == NEW_TOKENS * len(entries)
+
+
+def test_families_outside_the_fused_list_keep_one_matrix_per_linear(tmp_path):
+    from transformers import AutoModelForCausalLM, StableLmConfig
+    model_dir = tmp_path / "stablelm"
+    torch.manual_seed(3)
+    config = StableLmConfig(vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        initializer_range=0.3, eos_token_id=256, pad_token_id=257, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    store.quantize_model(model_dir, tmp_path / "w", progress=False, method="absmax", lm_head="int4")
+    ref = tiny.reference_model(model_dir)
+    ids = prompt_ids("cpu")
+    with offload.load(model_dir, tmp_path / "w", cache="full", dtype=torch.float32, progress=False) as engine:
+        assert engine.groups == {} and "model.layers.0.self_attn.q_proj.weight" in engine.store.entries
+        assert torch.equal(greedy(engine.model, ids), greedy(ref, ids))
