@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers.generation.utils import GenerationMixin
 
-from offload.cli import CHAT_HINT, quantize_main, run_main, stats_summary
+from offload.cli import CHAT_HINT, eval_main, quantize_main, run_main, stats_summary
 from offload.units import fmt_bytes, parse_size
 
 import tiny
@@ -299,7 +299,7 @@ def test_eval_defaults_to_bfloat16_and_takes_threads(models, tmp_path, monkeypat
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **kw: seen.update(kw) or {})
     monkeypatch.setattr(evaluate, "summary", lambda r: "")
     (tmp_path / "t.txt").write_text("text")
-    assert evaluate.main([str(llama), str(llama_w), "--text", str(tmp_path / "t.txt"), "-t", "1"]) == 0
+    assert eval_main([str(llama), str(llama_w), "--text", str(tmp_path / "t.txt"), "-t", "1"]) == 0
     assert seen["dtype"] == "bfloat16" and seen["threads"] == 1
 
 

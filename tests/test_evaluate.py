@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from offload import quant
 from offload.errors import OffloadError
-from offload.evaluate import evaluate, main, windows
+from offload.cli import eval_main as main
+from offload.evaluate import evaluate, windows
 
 import tiny
 
