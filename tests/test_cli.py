@@ -22,12 +22,6 @@ from offload.units import fmt_bytes, parse_size
 import tiny
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    return {kind: tiny.make(kind, root) for kind in ("llama", "qwen2")}
-
-
 def run(main, argv) -> int:
     """Exit status of a console entry point, whether it returns or argparse exits."""
     try:

@@ -17,12 +17,6 @@ from conftest import DEVICES
 NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {kind: tiny.make(kind, root) for kind in ("llama", "qwen2")}
-
-
 def prompt_ids(device, batch=1, length=9):
     g = torch.Generator().manual_seed(7)
     return torch.randint(0, 256, (batch, length), generator=g).to(device)

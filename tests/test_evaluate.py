@@ -18,11 +18,6 @@ MAX_TOKENS, STRIDE = 64, 32
 TEXT = ("Sliding windows score each token once, with as much context as a window allows. " * 2)[:MAX_TOKENS + 3 * STRIDE]
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny.make("llama", tmp_path_factory.mktemp("evaluate"))
-
-
 def guide_perplexity(model, ids, max_length, stride):
     """Perplexity exactly as the Hugging Face perplexity guide computes it (labels = -100 outside the new tokens)."""
     nll, count, prev_end = 0.0, 0, 0
@@ -123,9 +118,9 @@ def test_offload_eval_cli(llama, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # tied embeddings / untied with q, k, v biases
-def test_layer_by_layer_reference_equals_the_hf_model(kind, tmp_path):
+def test_layer_by_layer_reference_equals_the_hf_model(kind, request):
     from offload.layerwise import LayerwiseModel, SourceModel
-    model_dir, _ = tiny.make(kind, tmp_path)
+    model_dir, _ = request.getfixturevalue(kind)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(input_ids=ids).logits

@@ -7,7 +7,6 @@ from offload.cli import quantize_main
 from offload.errors import OffloadError
 from offload.store import WeightsDir, quantize_model
 
-import tiny
 
 CALIBRATION = ("A calibration text only has to exercise the layers the way real text does. "
                "This one talks about bridges, bread, rivers and clocks, and then it repeats itself. ") * 12
@@ -24,11 +23,6 @@ def hessian(x):
     for part in x.split(100):  # accumulated in pieces, as the calibration driver does
         h.add(part)
     return h.h
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny.make("llama", tmp_path_factory.mktemp("methods"))
 
 
 @pytest.mark.parametrize("k", [256, 200])  # 200: the last block is zero-padded

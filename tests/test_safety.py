@@ -20,11 +20,6 @@ from offload.cli import eval_main, quantize_main, run_main
 import tiny
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny.make("llama", tmp_path_factory.mktemp("safety"))
-
-
 def listing(root):
     """Every path under root with its size and mtime: what 'nothing changed' compares."""
     return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
