@@ -117,7 +117,9 @@ def resolve_model(args):
         config = AutoConfig.from_pretrained(model_dir)
         if args.synthetic:
             return "smollm2-135m", config, SyntheticWeights(config, args.seed), f"synthetic seed {args.seed}"
-        return "smollm2-135m", config, WeightsDir(weights_dir), "int4 (offload-quantize of the GGUF)"
+        w = WeightsDir(weights_dir)
+        m = w.manifest
+        return "smollm2-135m", config, w, f"the demo's weights: {m.get('method')} int4, lm_head {m.get('lm_head')}"
     if args.model is None:
         w = WeightsDir(args.weights)
         if not (w.path / "config.json").exists():
