@@ -1,4 +1,5 @@
-"""Command line: offload-quantize and offload-run. Argument parsing, streaming output, one-line errors."""
+"""Command line: the console scripts offload-quantize, offload-run, offload-eval and offload-bench. Argument
+parsing, streaming output, one-line errors."""
 import argparse
 import contextlib
 import json
@@ -440,3 +441,55 @@ def stats_summary(s: dict) -> str:
         f"decode:  {s['decode_tokens']} tokens, {s['decode_tokens_per_s']:.2f} tokens/s"
         + (f" ({s['threads']} threads)" if cpu else ""),
         cache, memory])
+
+
+# ---- offload-eval ----
+def eval_main(argv=None) -> int:
+    from .evaluate import DEFAULT_MAX_TOKENS
+    p = argparse.ArgumentParser(prog="offload-eval", description="Perplexity, top-1 agreement and KL divergence "
+                                "of the offloaded model against the unquantized HF model on a text.")
+    p.add_argument("model_dir", help="the unquantized HF model dir (config.json + *.safetensors)")
+    p.add_argument("weights_dir", help="weights dir made by offload-quantize from it")
+    p.add_argument("--text", required=True, metavar="FILE", help="plain UTF-8 text to score")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"tokens per window (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default max-tokens/2)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="bfloat16 (default) | float16 | float32 (on cpu: the exact reference compute, slow)")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: one per physical core)")
+    p.add_argument("--cache", default="auto", help="device cache budget, as in offload-run (default auto)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return _run_guarded("offload-eval", _eval, p.parse_args(argv))
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate, summary
+    from .source import regular_file
+    path = Path(args.text)
+    if path.is_dir():
+        raise OffloadError(f"--text {path} is a directory, not a text file")
+    try:
+        text = regular_file(path, "text file").read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OffloadError(f"--text {path} is not UTF-8 text") from None
+    if args.json:
+        check_output_path(args.json, "--json")
+    result = evaluate(args.model_dir, args.weights_dir, text, max_tokens=args.max_tokens,
+                      stride=args.stride, device=args.device, dtype=args.dtype, cache=args.cache, threads=args.threads,
+                      progress=not args.no_progress)
+    print(summary(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+# ---- offload-bench ----
+def bench_main(argv=None) -> int:
+    from .bench import sweep
+    args = sweep.parse_args(argv)
+    command = " ".join(["offload-bench"] + list(sys.argv[1:] if argv is None else argv))
+    return _run_guarded("offload-bench", lambda a: sweep.run(a, command), args)

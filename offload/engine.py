@@ -32,7 +32,8 @@ KV_RESERVE_TOKENS = 4096  # default context the "auto" budget keeps room for (ba
 SCRATCH_RESERVE = 512 << 20  # activations, allocator slack
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
+    """None -> cuda if available, else cpu; a name or torch.device checked against this machine."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -66,7 +67,8 @@ def _peak_rss() -> int | None:
     return None
 
 
-def _resolve_dtype(dtype, device) -> torch.dtype:
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """None -> bfloat16 (the fast kernels, on cpu too); a name ("bf16", "float32", ...) or torch.dtype."""
     if dtype is None:  # the fast path on both devices; float32 is the exact reference, on request
         return torch.bfloat16
     if isinstance(dtype, str):
@@ -106,8 +108,8 @@ class Engine:
         self._closed = True
         self._generate_lock = threading.Lock()
         self.device_memory = device_memory
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         # weights_dir may also be an object with WeightsDir's interface (benchmarks' synthetic weights),
         # and model_dir a PretrainedConfig: then there are no side files to read.
         self.weights = weights_dir if hasattr(weights_dir, "iter_read") else WeightsDir(weights_dir, verify)

@@ -11,9 +11,6 @@ scores only the tokens no earlier window scored, so every token is scored once w
 `max_tokens - stride` tokens of context (except in the first window). With stride = max_tokens the
 windows do not overlap and, as in the guide, the first token of each window is not scored.
 """
-import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -75,7 +72,7 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
     Returns a dict: ppl, reference_ppl, ppl_change (relative), top1_agreement, kl_mean (nats per
     token), tokens, scored_tokens, windows, and the settings.
     """
-    from .engine import _resolve_device, _resolve_dtype, load, set_threads
+    from .engine import resolve_device, resolve_dtype, load, set_threads
     t0 = time.perf_counter()
     threads = set_threads(threads)
     model_dir, weights_dir = Path(model_dir), Path(weights_dir)
@@ -86,8 +83,8 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
     _check_window(max_tokens, stride, source.config)
     ids = torch.tensor(_tokenize(model_dir, weights_dir, text))  # [T]
     spans = windows(len(ids), max_tokens, stride)
-    device = _resolve_device(device)
-    dtype = _resolve_dtype(dtype, device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
 
     # The reference first, layer by layer: the last layer's output of every window [1, L, H] is all it keeps.
     reference = LayerwiseModel(source, device, dtype)
@@ -133,51 +130,3 @@ def summary(r: dict) -> str:
         f"perplexity:      reference {r['reference_ppl']:.4f}, offload {r['ppl']:.4f} ({100 * r['ppl_change']:+.2f}%)",
         f"top-1 agreement: {100 * r['top1_agreement']:.2f}%, mean KL {r['kl_mean']:.5f} nats/token",
     ])
-
-
-def main(argv=None) -> int:
-    """The `offload-eval` console script."""
-    from .cli import _run_guarded
-    p = argparse.ArgumentParser(prog="offload-eval", description="Perplexity, top-1 agreement and KL divergence "
-                                "of the offloaded model against the unquantized HF model on a text.")
-    p.add_argument("model_dir", help="the unquantized HF model dir (config.json + *.safetensors)")
-    p.add_argument("weights_dir", help="weights dir made by offload-quantize from it")
-    p.add_argument("--text", required=True, metavar="FILE", help="plain UTF-8 text to score")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help=f"tokens per window (default {DEFAULT_MAX_TOKENS})")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default max-tokens/2)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
-                   help="bfloat16 (default) | float16 | float32 (on cpu: the exact reference compute, slow)")
-    p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: one per physical core)")
-    p.add_argument("--cache", default="auto", help="device cache budget, as in offload-run (default auto)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return _run_guarded("offload-eval", _eval, p.parse_args(argv))
-
-
-def _eval(args) -> int:
-    from .cli import check_output_path
-    from .source import regular_file
-    path = Path(args.text)
-    if path.is_dir():
-        raise OffloadError(f"--text {path} is a directory, not a text file")
-    try:
-        text = regular_file(path, "text file").read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise OffloadError(f"--text {path} is not UTF-8 text") from None
-    if args.json:
-        check_output_path(args.json, "--json")
-    result = evaluate(args.model_dir, args.weights_dir, text, max_tokens=args.max_tokens,
-                      stride=args.stride, device=args.device, dtype=args.dtype, cache=args.cache, threads=args.threads,
-                      progress=not args.no_progress)
-    print(summary(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

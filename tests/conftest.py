@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Triton kernels run under the interpreter where there is no GPU; this must be set before any
@@ -7,4 +8,38 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import tiny  # noqa: E402 - imports offload, so after TRITON_INTERPRET
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _files(root) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _tiny_model(kind: str, tmp_path_factory):
+    """Build `kind` once for the whole run; fail the run if a test changed the shared files."""
+    root = tmp_path_factory.mktemp(f"tiny-{kind}")
+    dirs = tiny.make(kind, root)
+    before = _files(root)
+    yield dirs
+    assert _files(root) == before, f"a test changed the shared tiny {kind} model: copy it before changing it"
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    """The tiny random Llama (tied embeddings, hidden size not a multiple of the block) saved and quantized:
+    (model_dir, weights_dir), built once per test run and shared: copy a dir before changing anything in it."""
+    yield from _tiny_model("llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qwen2(tmp_path_factory):
+    """The tiny random Qwen2 (q/k/v biases, untied lm_head), as `llama`."""
+    yield from _tiny_model("qwen2", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def models(llama, qwen2):
+    """kind -> (model_dir, weights_dir) of every tiny model."""
+    return {"llama": llama, "qwen2": qwen2}

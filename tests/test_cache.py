@@ -85,3 +85,36 @@ def test_bad_budgets_and_policies():
         DeviceCache(SIZES, Budget(0, "entries", "0"), "lru")
     with pytest.raises(OffloadError, match="unknown cache policy"):
         DeviceCache(SIZES, Budget(TOTAL, "bytes", "full"), "fifo")
+
+
+def test_pin_ring_evicts_the_least_recently_used_streamed_entry_not_in_use():
+    cache = DeviceCache(SIZES, Budget(3600, "bytes", "x"), "pin")
+    streamed = [k for k in cache.order if k not in cache.pinned]  # scan order
+    ring = cache.ring
+    assert ring == 3 and len(streamed) == ring + 2
+    pinned = next(k for k in cache.order if k in cache.pinned)
+    assert cache.victims(pinned, set()) == []  # a pinned entry's room is reserved: it evicts nothing
+    cache.admit(pinned)
+    cache.touch(pinned, SIZES[pinned])
+    for k in streamed[:ring]:  # free ring slots: nothing to evict
+        assert cache.victims(k, set()) == []
+        cache.admit(k)
+        cache.touch(k, SIZES[k])
+    nxt = streamed[ring]
+    # the ring is full: the oldest streamed entry goes, never the (older) pinned one
+    assert cache.victims(nxt, set()) == [streamed[0]]
+    # entries the compute still uses are skipped; with every slot in use the prefetcher has to wait
+    assert cache.victims(nxt, {streamed[0]}) == [streamed[1]]
+    assert cache.victims(nxt, set(streamed[:ring])) is None
+    # a streamed entry used again (a hit) becomes the most recent
+    cache.touch(streamed[0], 0)
+    assert cache.victims(nxt, set()) == [streamed[1]]
+    cache.evict(streamed[1])
+    cache.admit(nxt)
+    cache.touch(nxt, SIZES[nxt])
+    assert list(k for k in cache.resident if k not in cache.pinned) == [streamed[2], streamed[0], nxt]
+    assert cache.victims(streamed[ring + 1], set()) == [streamed[2]]
+    with pytest.raises(AssertionError, match="ring overflow"):  # admitting past the ring is refused
+        cache.admit(streamed[ring + 1])
+    assert (cache.hits, cache.misses) == (1, ring + 2)
+    assert cache.h2d_bytes == SIZES[pinned] + sum(SIZES[k] for k in streamed[:ring + 1])

@@ -16,16 +16,10 @@ import pytest
 import torch
 from transformers.generation.utils import GenerationMixin
 
-from offload.cli import CHAT_HINT, quantize_main, run_main, stats_summary
+from offload.cli import CHAT_HINT, eval_main, quantize_main, run_main, stats_summary
 from offload.units import fmt_bytes, parse_size
 
 import tiny
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    return {kind: tiny.make(kind, root) for kind in ("llama", "qwen2")}
 
 
 def run(main, argv) -> int:
@@ -307,7 +301,7 @@ def test_eval_defaults_to_bfloat16_and_takes_threads(models, tmp_path, monkeypat
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **kw: seen.update(kw) or {})
     monkeypatch.setattr(evaluate, "summary", lambda r: "")
     (tmp_path / "t.txt").write_text("text")
-    assert evaluate.main([str(llama), str(llama_w), "--text", str(tmp_path / "t.txt"), "-t", "1"]) == 0
+    assert eval_main([str(llama), str(llama_w), "--text", str(tmp_path / "t.txt"), "-t", "1"]) == 0
     assert seen["dtype"] == "bfloat16" and seen["threads"] == 1
 
 
@@ -397,10 +391,22 @@ def test_chat_in_a_terminal_ctrl_c_stops_the_reply_and_the_chat_goes_on(models, 
 def test_interactive_chat_reads_turns_until_eof(models, monkeypatch, capsys):
     llama, llama_w = models["llama"]
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nsecond turn\n"))
-    rc = run_main([str(llama), str(llama_w), "--chat", "--max-new-tokens", "5"])
+    rc = run_main([str(llama), str(llama_w), "--chat", "--max-new-tokens", "5", "--dtype", "float32"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert out.count("\n") >= 2  # two streamed replies
+    # two streamed replies, each the plain HF model's greedy reply to the conversation so far (the empty line is
+    # skipped, the first reply is in the second turn's prompt)
+    ref, tok = tiny.reference_model(llama), tiny.byte_tokenizer()
+    history, want = [], []
+    for turn in ("hello", "second turn"):
+        history.append({"role": "user", "content": turn})
+        ids = torch.tensor([chat_ids(history)])
+        new = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                           pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        reply = tok.decode(new, skip_special_tokens=True)
+        history.append({"role": "assistant", "content": reply})
+        want.append(reply)
+    assert out == "".join(f"{reply}\n" for reply in want)
 
 
 def test_demo_model_knows_the_capital_of_france(tmp_path_factory, monkeypatch, capsys):

@@ -18,12 +18,6 @@ from conftest import DEVICES
 NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {kind: tiny.make(kind, root) for kind in ("llama", "qwen2")}
-
-
 def prompt_ids(device, batch=1, length=9):
     g = torch.Generator().manual_seed(7)
     return torch.randint(0, 256, (batch, length), generator=g).to(device)
@@ -145,21 +139,47 @@ def test_prefetch_thread_failure_surfaces(models, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_generate_text_batched_matches_single(models, device):
+def test_generate_text_and_stats_match_the_reference(models, device):
     model_dir, weights_dir = models["llama"]
     prompts = ["The quick brown fox", "1.1+2.3=?"]
+    tok = tiny.byte_tokenizer()
+    ref = tiny.reference_model(model_dir, device)
+
+    def reference_text(ids, new_tokens, **kwargs):  # the plain HF model's greedy continuation of one prompt
+        ids = torch.tensor([ids], device=device)
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id, **kwargs)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), out.shape[1] - ids.shape[1]
+
+    chat_ids = tok.apply_chat_template([{"role": "user", "content": prompts[0]}], add_generation_prompt=True,
+                                       return_dict=False)
     with offload.load(model_dir, weights_dir, cache="50%", device=device, dtype=torch.float32,
                       progress=False) as engine:
         single = [engine.generate(p, max_new_tokens=12, min_new_tokens=12) for p in prompts]
         batched = engine.generate(prompts, max_new_tokens=12, min_new_tokens=12)
+        engine.reset_stats()
         chat = engine.generate(prompts[0], max_new_tokens=4, chat=True)
         stats = engine.stats
+        streamed = [k for k in engine.store.entries if k not in engine.cache.pinned]
+    assert single == [reference_text(tok(p)["input_ids"], 12, min_new_tokens=12)[0] for p in prompts]
     assert batched == single
-    assert all(isinstance(s, str) and s for s in single) and isinstance(chat, str)
-    assert stats["prefill_tokens_per_s"] > 0 and stats["decode_tokens_per_s"] > 0
-    for key in ("cache_hits", "cache_misses", "cache_budget_bytes", "resident_bytes", "model_bytes", "host_bytes",
-                "peak_device_bytes", "h2d_bytes_per_token"):
-        assert key in stats
+    want_chat, chat_new = reference_text(chat_ids, 4)
+    assert chat == want_chat
+
+    # the counters of the chat call, from the model's shapes and the pin plan
+    linears = {k: t for k, t in tiny.manifest(weights_dir)["tensors"].items() if t["role"] == "linear"}
+    model_bytes = sum(sum(quantized_nbytes(t["shape"])) for t in linears.values())
+    passes = chat_new  # one prefill pass, then one pass per further token
+    assert chat_new > 1 and stats["prefill_tokens"] == len(chat_ids) and stats["decode_tokens"] == chat_new - 1
+    assert (stats["model_bytes"], stats["cache_budget_bytes"]) == (model_bytes, model_bytes // 2)
+    assert stats["cache_hits"] + stats["cache_misses"] == passes * len(linears)
+    assert 0 < len(streamed) < len(linears)
+    assert stats["cache_misses"] == passes * len(streamed)  # the cyclic scan misses every streamed matrix
+    assert stats["h2d_bytes_per_token"] == stats["streamed_bytes_per_token"] == model_bytes - stats["pinned_bytes"]
+    assert stats["pinned_bytes"] <= stats["resident_bytes"] <= stats["cache_budget_bytes"]
+    assert stats["host_bytes"] >= model_bytes and stats["policy"] == "pin" and stats["dtype"] == "float32"
+    assert stats["prefill_tokens_per_s"] == stats["prefill_tokens"] / stats["prefill_seconds"]
+    assert stats["decode_tokens_per_s"] == stats["decode_tokens"] / stats["decode_seconds"]
 
 
 def test_close_is_clean_and_final(models):

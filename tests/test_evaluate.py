@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from offload import quant
 from offload.errors import OffloadError
-from offload.evaluate import evaluate, main, windows
+from offload.cli import eval_main as main
+from offload.evaluate import evaluate, windows
 
 import tiny
 
@@ -15,11 +16,6 @@ MAX_TOKENS, STRIDE = 64, 32
 # The byte-level test tokenizer makes one token per character: 64 + 3 * 32 tokens, so the windows
 # of the evaluator and of the Hugging Face guide's loop coincide exactly.
 TEXT = ("Sliding windows score each token once, with as much context as a window allows. " * 2)[:MAX_TOKENS + 3 * STRIDE]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny.make("llama", tmp_path_factory.mktemp("evaluate"))
 
 
 def guide_perplexity(model, ids, max_length, stride):
@@ -122,10 +118,10 @@ def test_offload_eval_cli(llama, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # tied embeddings / untied with q, k, v biases
-def test_layer_by_layer_reference_equals_the_hf_model(kind, tmp_path):
+def test_layer_by_layer_reference_equals_the_hf_model(kind, request):
     from offload.layerwise import LayerwiseModel
     from offload.source import SourceModel
-    model_dir, _ = tiny.make(kind, tmp_path)
+    model_dir, _ = request.getfixturevalue(kind)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(input_ids=ids).logits

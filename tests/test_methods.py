@@ -8,7 +8,6 @@ from offload.cli import quantize_main
 from offload.errors import OffloadError
 from offload.store import WeightsDir, quantize_model
 
-import tiny
 
 CALIBRATION = ("A calibration text only has to exercise the layers the way real text does. "
                "This one talks about bridges, bread, rivers and clocks, and then it repeats itself. ") * 12
@@ -25,11 +24,6 @@ def hessian(x):
     for part in x.split(100):  # accumulated in pieces, as the calibration driver does
         h.add(part)
     return h.h
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny.make("llama", tmp_path_factory.mktemp("methods"))
 
 
 @pytest.mark.parametrize("k", [256, 200])  # 200: the last block is zero-padded
@@ -104,9 +98,18 @@ def test_quantize_model_records_the_method_and_gptq_runs_layer_by_layer(llama, t
         assert [t.shape for t in got] == [t.shape for t in ref] and [t.dtype for t in got] == [t.dtype for t in ref]
         if info.role != "linear":
             assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    # the engine computes exactly what the GPTQ weights dir holds: the HF model with those weights dequantized
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())  # untied: lm_head is its own int4
+    for name, info in w.linears.items():
+        ref.get_submodule(name.removesuffix(".weight")).weight.data = quant.dequantize(*w.read(name), info.shape)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with offload.load(model_dir, out, cache="full", device="cpu", dtype=torch.float32,
                       progress=False) as engine:
-        assert len(engine.generate("hello", max_new_tokens=4)) > 0
+        with torch.no_grad():
+            got, want = engine.model(input_ids=ids).logits, ref.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_method_options_are_one_line_errors(llama, tmp_path, capsys):

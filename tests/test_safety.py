@@ -15,15 +15,9 @@ import pytest
 import torch
 
 from offload import load, quant, store
-from offload.cli import quantize_main, run_main
-from offload.evaluate import main as eval_main
+from offload.cli import eval_main, quantize_main, run_main
 
 import tiny
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny.make("llama", tmp_path_factory.mktemp("safety"))
 
 
 def listing(root):

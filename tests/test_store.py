@@ -10,11 +10,6 @@ from offload.errors import OffloadError
 import tiny
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny.make("llama", tmp_path_factory.mktemp("store"))
-
-
 def test_quantized_tensors_equal_the_reference_functions(llama):
     model_dir, weights_dir = llama
     m = tiny.manifest(weights_dir)

@@ -4,7 +4,7 @@
 - A loader thread fills it: it walks the layer order (module registration order) ahead of the compute,
   keeping the next `capacity` matrices resident and evicting the oldest inserted one (FIFO) to make room.
   The compute thread waits when the matrix it needs has not been loaded yet.
-- Every forward dequantizes the whole weight matrix to the compute dtype (bf16 on cuda, fp32 on cpu)
+- Every forward dequantizes the whole weight matrix to the compute dtype (the sweep's --dtype)
   and then calls F.linear; nothing stays dequantized between calls.
 
 Where this implementation gives the seed the benefit of the doubt (so our/seed ratios are not inflated):

@@ -1,4 +1,4 @@
-"""The `accelerate` peer: the same HF model in bf16 (fp32 on cpu) through accelerate's big-model
+"""The `accelerate` peer: the same HF model in the compute dtype through accelerate's big-model
 dispatch, `max_memory` set to the same device budget and the rest on the CPU: what users reach for
 (`from_pretrained(device_map="auto", max_memory=...)`).
 
@@ -8,7 +8,7 @@ The dense host copy is built once (`DenseHostModel`) and dispatched again for ev
 shared, not copied, by every dispatch.
 
 On cpu, device and host memory are the same: there is nothing to offload, max_memory has no effect, and the
-peer is the plain HF model in fp32 (the "dense" baseline).
+peer is the plain dense HF model (the "dense" baseline).
 """
 import copy
 
@@ -63,7 +63,7 @@ class AcceleratePeer:
     name = "accelerate"
 
     def __init__(self, host: DenseHostModel, budget_bytes: int, device):
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), host.dtype
         model = empty_model(host.config, host.dtype)
         for name, t in host.tensors.items():
             set_module_tensor_to_device(model, name, "cpu", value=t)
@@ -116,7 +116,7 @@ class AcceleratePeer:
 
     def describe(self) -> str:
         if self.device.type != "cuda":
-            return "accelerate: cpu, everything in RAM (dense fp32 HF model)"
+            return f"accelerate: cpu, everything in RAM (dense {str(self.dtype).removeprefix('torch.')} HF model)"
         on_device = sorted({str(d) for d in self.device_map.values()})
         return (f"accelerate: device_map over {', '.join(on_device)}, "
                 f"{self.offloaded_bytes / 2**30:.2f} GiB offloaded to the CPU (moved to the device every forward)")

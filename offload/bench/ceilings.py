@@ -1,6 +1,6 @@
 """Measured machine ceilings for the physical-limit columns of the sweep.
 
-    python benchmarks/ceilings.py [--device cpu|cuda] [--mib 1024]
+    python -m offload.bench.ceilings [--device cpu|cuda] [--mib 1024]
 
 - h2d_bytes_per_s: bytes copied per second host -> device. cuda: a page-locked host tensor copied into
   device memory with non_blocking=True, timed with CUDA events. cpu: the engine's "copy into the cache"

@@ -1,17 +1,17 @@
-#!/usr/bin/env python
-"""Cache size vs tokens/s: offload's decode and prefill throughput over cache budgets, policies, cache formats
-and batch sizes, each row with its fraction of the machine's physical limit and side by side with peers.
+"""offload-bench: cache size vs tokens/s. offload's decode and prefill throughput over cache budgets, policies,
+cache formats and batch sizes, each row with its fraction of the machine's physical limit and side by side
+with peers.
 
-    python benchmarks/sweep.py --model benchmarks/configs/qwen2.5-32b.json --synthetic \\
-        --cache 2GiB,4GiB,8GiB,12GiB,16GiB,full,128 --policy pin,lru --batch 1,4,16 --emulate-gpu-gb 24 \\
-        --peers seed,accelerate
-    python benchmarks/sweep.py --model model/ --weights weights/ --cache 25%,50%,full     # a real model
-    python benchmarks/sweep.py --model demo --cache 25%,50%,full --batch 1,4              # SmolLM2-135M (cpu ok)
-    python benchmarks/sweep.py --model tiny --cache 50%,full                               # configs/tiny.json, synthetic
+    offload-bench --model qwen2.5-32b --synthetic --cache 2GiB,4GiB,8GiB,12GiB,16GiB,full,128 --policy pin,lru \\
+        --batch 1,4,16 --emulate-gpu-gb 24 --peers seed,accelerate
+    offload-bench --model model/ --weights weights/ --cache 25%,50%,full     # a real, quantized model
+    offload-bench --model demo --cache 25%,50%,full --batch 1,4              # SmolLM2-135M (cpu ok)
+    offload-bench --model tiny --cache 50%,full                              # configs/tiny.json, synthetic
 
-Prints one line per measurement as it goes and writes benchmarks/results/<device>-<model>-<date>.csv (rewritten
-after every row, so an interrupted sweep keeps what it measured) and a PNG next to it: decode tokens/s against
-the cache budget, one line per policy, the peers dashed, the physical-limit curve in black.
+Prints one line per measurement as it goes and writes <device>-<model>-<date>.csv (or --out; rewritten
+after every row, so an interrupted sweep keeps what it measured), a PNG next to it (decode tokens/s against
+the cache budget, one line per policy, the peers dashed, the physical-limit curve in black) and a .md file
+with the conditions of the run (machine, load average, threads, software, settings).
 
 Every number is the median of --reps timed `model.generate` calls (greedy, exactly --new-tokens new tokens,
 random prompt ids) after one warm-up call, timed by the engine's own forward hooks (device synchronized
@@ -20,63 +20,42 @@ before and after each forward pass; prefill = the first pass, decode = every lat
 Physical limit of a decode step (batch B, B tokens per step):
     limit tok/s = B / max(streamed bytes per step / h2d bandwidth, read bytes per step / memory bandwidth)
 with read bytes = the whole quantized model (resident and streamed matrices are both read by the matmuls
-every step) and the bandwidths measured at the start of the run (benchmarks/ceilings.py).
+every step) and the bandwidths measured at the start of the run (`offload.bench.ceilings`).
   fraction_of_limit:        streamed bytes = the h2d bytes per step the row measured (its own traffic).
   fraction_of_budget_limit: streamed bytes = model bytes - cache budget (the least any policy can stream).
 """
 import argparse
-import csv
-import datetime
 import gc
 import json
-import math
 import os
 import platform
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+from .. import cache as cache_mod, formats as formats_mod, load
+from ..cli import _add_version
+from ..engine import resolve_device, resolve_dtype, set_threads
+from ..errors import OffloadError
+from ..store import WeightsDir
+from . import ceilings as ceilings_mod
+from .baselines import PEERS, peer_legend
+from .report import (BASE_COLUMNS, HEADER, machine, now, peer_columns, plot, rate, read_csv, row_line, say,
+                     short_bytes, title_of, to_float, write_conditions, write_csv)
+from .synthetic import SyntheticWeights
 
-import offload  # noqa: E402
-from offload.errors import OffloadError  # noqa: E402
-from offload.store import WeightsDir  # noqa: E402
-from offload.units import fmt_bytes  # noqa: E402
-
-import ceilings as ceilings_mod  # noqa: E402
-from synthetic import SyntheticWeights  # noqa: E402
-
-CONFIGS = HERE / "configs"
-RESULTS = HERE / "results"
-PEERS = ("seed", "accelerate")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-BASE_COLUMNS = [
-    "device", "device_name", "model", "weights", "date", "batch", "prompt_len", "new_tokens", "reps",
-    "cache_spec", "cache_bytes", "policy", "cache_format", "dtype",
-    "prefill_tok_s", "decode_tok_s", "h2d_bytes_per_token", "hit_rate", "resident_bytes", "model_bytes",
-    "read_bytes_per_step", "peak_device_bytes", "prefetch_waits", "h2d_GBps", "mem_GBps",
-    "limit_tok_s", "fraction_of_limit", "budget_limit_tok_s", "fraction_of_budget_limit", "note",
-]
-
-
-def peer_columns(peer: str) -> list[str]:
-    return [f"{peer}_cache", f"{peer}_prefill_tok_s", f"{peer}_decode_tok_s", f"vs_{peer}",
-            f"{peer}_h2d_bytes_per_token", f"{peer}_peak_device_bytes", f"{peer}_token_match", f"{peer}_note"]
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 # ---------------------------------------------------------------- arguments and setup
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv=None) -> argparse.Namespace:
+    """offload-bench's command line."""
+    p = argparse.ArgumentParser(prog="offload-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", help="a config .json, a name under benchmarks/configs (tiny, qwen2.5-32b, ...), "
+    p.add_argument("--model", help="a config .json, a shipped config name (tiny, qwen2.5-32b, ...), "
                                    "an HF model dir, or 'demo' (SmolLM2-135M-Instruct)")
     p.add_argument("--weights", help="int4 weights dir made by offload-quantize (for a real model)")
     p.add_argument("--synthetic", action="store_true",
@@ -94,15 +73,20 @@ def parse_args(argv=None):
     p.add_argument("--peer-new-tokens", type=int, default=None, help="new tokens for peers [--new-tokens]")
     p.add_argument("--peer-reps", type=int, default=None, help="timed repetitions for peers [--reps]")
     p.add_argument("--device", default=None, help="cpu or cuda [cuda if available]")
-    p.add_argument("--dtype", default=None, help="compute dtype [bfloat16 on cuda, float32 on cpu]")
-    p.add_argument("--threads", type=int, default=None, help="torch cpu threads [torch's default]")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="compute dtype: bfloat16 (the fast kernels, on cpu too) | float16 | float32 (on cpu the exact "
+                        "torch reference path, slow) [%(default)s]")
+    p.add_argument("-t", "--threads", type=int, default=None, help="torch cpu threads [one per physical core]")
     p.add_argument("--emulate-gpu-gb", type=float, default=None,
                    help="cap this process's device memory at N GiB (a big GPU behaves like an N GB card)")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights and prompt ids [%(default)s]")
-    p.add_argument("--out", help="CSV path [benchmarks/results/<device>-<model>-<date>.csv]; the PNG goes beside it")
+    p.add_argument("--out", help="CSV path [<device>-<model>-<date>.csv in the current dir]; the PNG and the "
+                                 "conditions (.md) go beside it")
+    p.add_argument("--note", default="", help="a line for the conditions file (e.g. what else ran on the machine)")
     p.add_argument("--append", action="store_true", help="keep the rows already in --out (split a long sweep)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--debug", action="store_true", help="let a failing row raise with its traceback")
+    _add_version(p)
     p.add_argument("--plot-only", metavar="CSV", help="only redraw the PNG of an existing CSV")
     args = p.parse_args(argv)
     if args.plot_only is None and args.model is None and args.weights is None:
@@ -133,7 +117,9 @@ def resolve_model(args):
         config = AutoConfig.from_pretrained(model_dir)
         if args.synthetic:
             return "smollm2-135m", config, SyntheticWeights(config, args.seed), f"synthetic seed {args.seed}"
-        return "smollm2-135m", config, WeightsDir(weights_dir), "int4 (offload-quantize of the GGUF)"
+        w = WeightsDir(weights_dir)
+        m = w.manifest
+        return "smollm2-135m", config, w, f"the demo's weights: {m.get('method')} int4, lm_head {m.get('lm_head')}"
     if args.model is None:
         w = WeightsDir(args.weights)
         if not (w.path / "config.json").exists():
@@ -162,8 +148,7 @@ def resolve_model(args):
 
 def device_label(device: torch.device, emulate_gb) -> tuple[str, str]:
     if device.type != "cuda":
-        desc = f"{os.cpu_count()}-core {platform.machine()} cpu, no GPU, {torch.get_num_threads()} torch threads"
-        return "cpu", desc
+        return "cpu", f"{os.cpu_count()}-core {platform.machine()} cpu, no GPU"
     name = torch.cuda.get_device_name(device)
     label = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-").removeprefix("nvidia-")
     if emulate_gb:
@@ -222,140 +207,12 @@ def token_match(a, b):
     return (a[:, :n] == b[:, :n]).float().mean().item() if n else None
 
 
-# ---------------------------------------------------------------- output
-def num(x, digits=6):
-    if x is None or x == "":
-        return ""
-    if isinstance(x, float):
-        return "inf" if math.isinf(x) else f"{x:.{digits}g}"
-    return x
-
-
-def to_float(x):
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra = [c for r in rows for c in r if c not in columns]
-    columns = columns + list(dict.fromkeys(extra))
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: num(r.get(c)) for c in columns})
-    os.replace(tmp, path)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def short_bytes(n) -> str:
-    n = to_float(n)
-    return "-" if n is None else fmt_bytes(n).replace(" ", "")
-
-
-def rate(x) -> str:
-    x = to_float(x)
-    return "-" if x is None else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
-
-
-HEADER = (f"{'cache':>8} {'budget':>10} {'policy':>6} {'fmt':>5} {'batch':>5} {'prefill/s':>9} {'decode/s':>9} "
-          f"{'h2d/tok':>10} {'hit':>5} {'peak dev':>10} {'limit/s':>9} {'frac':>6} {'budget-frac':>11}")
-
-
-def row_line(r: dict) -> str:
-    frac = to_float(r.get("fraction_of_limit"))
-    bfrac = to_float(r.get("fraction_of_budget_limit"))
-    hit = to_float(r.get("hit_rate"))
-    line = (f"{r['cache_spec']:>8} {short_bytes(r.get('cache_bytes')):>10} {r['policy']:>6} {r['cache_format']:>5} "
-            f"{r['batch']:>5} {rate(r.get('prefill_tok_s')):>9} {rate(r.get('decode_tok_s')):>9} "
-            f"{short_bytes(r.get('h2d_bytes_per_token')):>10} {('-' if hit is None else f'{hit:.2f}'):>5} "
-            f"{short_bytes(r.get('peak_device_bytes')):>10} {rate(r.get('limit_tok_s')):>9} "
-            f"{('-' if frac is None else f'{frac:.2f}'):>6} {('-' if bfrac is None else f'{bfrac:.2f}'):>11}")
-    return line + (f"  [{r['note']}]" if r.get("note") else "")
-
-
-def say(*a) -> None:
-    print(*a, flush=True)
-
-
-# ---------------------------------------------------------------- plot
-def plot(rows: list[dict], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("plot skipped: matplotlib is not installed (pip install -e '.[bench]')")
-        return None
-    rows = [r for r in rows if to_float(r.get("decode_tok_s")) and to_float(r.get("cache_bytes")) is not None]
-    if not rows:
-        say("plot skipped: no measured rows")
-        return None
-    batches = sorted({int(r["batch"]) for r in rows})
-    model_bytes = max(to_float(r["model_bytes"]) for r in rows)
-    unit, scale = ("GiB", 2**30) if model_bytes >= 2**30 else ("MiB", 2**20)
-    ceil = {"h2d_bytes_per_s": to_float(rows[0]["h2d_GBps"]) * 1e9, "mem_bytes_per_s": to_float(rows[0]["mem_GBps"]) * 1e9}
-    peers = [p for p in PEERS if any(to_float(r.get(f"{p}_decode_tok_s")) for r in rows)]
-    fig, axes = plt.subplots(1, len(batches), figsize=(6.4 * len(batches), 4.8), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        sel = [r for r in rows if int(r["batch"]) == batch]
-        xmax = max(model_bytes, max(to_float(r["cache_bytes"]) for r in sel))
-        xs = [xmax * i / 200 for i in range(201)]
-        formats = {r["cache_format"]: to_float(r.get("read_bytes_per_step")) or model_bytes for r in sel}
-        for fmt, read in formats.items():  # one step streams what the budget cannot hold, reads everything
-            ys = [ceilings_mod.limit_tokens_per_s(batch, max(0.0, 1 - x / read) * model_bytes, read, ceil) for x in xs]
-            ax.plot([x / scale for x in xs], ys, "k-" if fmt == "int4" else "k:", lw=1.5,
-                    label="physical limit" + (f" ({fmt})" if len(formats) > 1 else ""))
-        for key in dict.fromkeys((r["policy"], r["cache_format"]) for r in sel):
-            pts = sorted((to_float(r["cache_bytes"]), to_float(r["decode_tok_s"])) for r in sel
-                         if (r["policy"], r["cache_format"]) == key)
-            label = key[0] if len({r["cache_format"] for r in rows}) == 1 else f"{key[0]} ({key[1]})"
-            ax.plot([x / scale for x, _ in pts], [y for _, y in pts], "o-", label=label)
-        # a peer ran once per cache spec, at the budget of the int4 rows (or the first format's)
-        peer_fmt = "int4" if any(r["cache_format"] == "int4" for r in sel) else sel[0]["cache_format"]
-        for peer in peers:
-            pts = sorted({(to_float(r["cache_bytes"]), to_float(r[f"{peer}_decode_tok_s"])) for r in sel
-                          if r["cache_format"] == peer_fmt and to_float(r.get(f"{peer}_decode_tok_s"))})
-            if pts:
-                ax.plot([x / scale for x, _ in pts], [y for _, y in pts], "s--", label=f"peer: {peer}")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"cache budget ({unit}); model {model_bytes / scale:.2f} {unit}")
-        ax.set_ylabel("decode tokens/s" + (" (all sequences)" if batch > 1 else ""))
-        ax.set_title(f"batch {batch}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
-
-
 # ---------------------------------------------------------------- the sweep
 class Sweep:
     def __init__(self, args):
         self.args = args
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise OffloadError("device cuda requested but no CUDA GPU is available")
-        if self.device.type not in ("cpu", "cuda"):
-            raise OffloadError(f"unsupported device {self.device} (cpu or cuda)")
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        if args.dtype is not None and args.dtype not in DTYPES:
-            raise OffloadError(f"unknown dtype {args.dtype!r} (choose from {', '.join(DTYPES)})")
-        self.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
         self.caches, self.policies, self.formats = split(args.cache), split(args.policy), split(args.cache_format)
         try:
             self.batches = [int(b) for b in split(args.batch)]
@@ -371,7 +228,6 @@ class Sweep:
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
             raise OffloadError(f"unknown peer {unknown[0]!r} (choose from {', '.join(PEERS)})")
-        from offload import cache as cache_mod, formats as formats_mod
         known = getattr(formats_mod, "FORMATS", None)
         for fmt in self.formats:
             if known is not None and fmt not in known:
@@ -379,6 +235,7 @@ class Sweep:
         for policy in self.policies:
             if policy not in cache_mod.POLICIES:
                 raise OffloadError(f"unknown cache policy {policy!r} (choose from {', '.join(cache_mod.POLICIES)})")
+        self.threads = set_threads(args.threads)
 
         self.device_memory = None
         if args.emulate_gpu_gb:
@@ -393,8 +250,8 @@ class Sweep:
 
         self.name, self.config, self.weights, self.weights_desc = resolve_model(args)
         self.label, self.device_name = device_label(self.device, args.emulate_gpu_gb if self.device_memory else None)
-        self.date = datetime.date.today().isoformat()
-        self.out = Path(args.out) if args.out else RESULTS / f"{self.label}-{self.name}-{self.date}.csv"
+        self.date = time.strftime("%Y-%m-%d")
+        self.out = Path(args.out) if args.out else Path(f"{self.label}-{self.name}-{self.date}.csv")
         self.columns = BASE_COLUMNS + [c for p in self.peers for c in peer_columns(p)]
         self.old_rows = read_csv(self.out) if args.append and self.out.exists() else []
         self.rows: list[dict] = []
@@ -412,12 +269,13 @@ class Sweep:
     def common(self) -> dict:
         a = self.args
         return {"device": self.label, "device_name": self.device_name, "model": self.name, "weights": self.weights_desc,
-                "date": self.date, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "reps": a.reps,
+                "date": self.date, "threads": self.threads, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "reps": a.reps,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "h2d_GBps": self.ceil["h2d_bytes_per_s"] / 1e9, "mem_GBps": self.ceil["mem_bytes_per_s"] / 1e9}
 
     def run(self) -> int:
         a = self.args
+        started, t0, machine_start = now(), time.time(), machine()
         say(f"offload sweep: {self.name} ({self.weights.describe()}) on {self.device_name}, "
             f"{str(self.dtype).removeprefix('torch.')}; prompt {a.prompt_len} + {a.new_tokens} new tokens, "
             f"median of {a.reps} after a warm-up")
@@ -437,8 +295,29 @@ class Sweep:
             png = plot(self.old_rows + self.rows, self.out, self.title())
             if png:
                 say(f"wrote {png}")
+        md = write_conditions(self.out, self.settings(started, time.time() - t0), machine_start, machine(), a.append)
+        say(f"wrote {md}")
         self.summary()
         return 0
+
+    def settings(self, started: str, seconds: float) -> dict:
+        """The conditions of this run, for the file beside the CSV."""
+        a = self.args
+        budgets = ", ".join(f"{spec} = {short_bytes(b[0])}" for spec, b in self.budgets.items()) or "none ran"
+        peers = {p: peer_legend(p, self.device.type, str(self.dtype).removeprefix("torch.")) for p in self.peers}
+        return {
+            "command": self.command, "started": started, "ended": now(), "seconds": seconds,
+            "device": self.device_name, "torch threads": self.threads, "dtype": str(self.dtype).removeprefix("torch."),
+            "model": f"{self.name}: {self.weights_desc}; {self.weights.describe()}",
+            "prompt": f"{a.prompt_len} random token ids per sequence (seed {a.seed}), {a.new_tokens} new greedy tokens, "
+                      f"median of {a.reps} timed calls after a warm-up of {a.warmup_tokens} tokens",
+            "batch sizes": ", ".join(map(str, self.batches)), "policies": ", ".join(self.policies),
+            "cache formats": ", ".join(self.formats), "cache budgets": budgets,
+            "peers": "; ".join(peers.values()) or "none",
+            "peer tokens and reps": f"{a.peer_new_tokens or a.new_tokens} new tokens, {a.peer_reps or a.reps} reps",
+            "ceilings": ceilings_mod.describe(self.ceil),
+            "note": a.note or "-",
+        }
 
     def title(self) -> str:
         return title_of(self.common())
@@ -455,7 +334,7 @@ class Sweep:
                     base = dict(self.common(), cache_spec=spec, policy=policy, cache_format=fmt)
                     try:
                         if engine is None:
-                            engine = offload.load(self.config, self.weights, cache=spec, policy=policy,
+                            engine = load(self.config, self.weights, cache=spec, policy=policy,
                                                   device=self.device, dtype=self.dtype, cache_format=fmt,
                                                   device_memory=self.device_memory, progress=False,
                                                   emulate_copies=True)  # the cache budget is what is swept
@@ -583,7 +462,7 @@ class Sweep:
                 free_memory(self.device)
 
     def run_seed(self) -> None:
-        from baselines import seed
+        from .baselines import seed
         try:
             store = seed.build_store(self.config, self.weights, self.device)
         except OffloadError as e:
@@ -605,7 +484,7 @@ class Sweep:
             free_memory(self.device)
 
     def run_accelerate(self) -> None:
-        from baselines import accelerate_peer as acc
+        from .baselines import accelerate_peer as acc
         try:
             host = acc.DenseHostModel(self.config, self.weights, self.dtype, self.device)
         except acc.Skip as e:
@@ -646,39 +525,25 @@ class Sweep:
                 say(f"  batch {batch}, cache {spec}: " + "; ".join(parts))
 
 
-def title_of(r: dict) -> str:
-    h2d, mem = to_float(r.get("h2d_GBps")), to_float(r.get("mem_GBps"))
-    ceil = f"; h2d {h2d:.1f} GB/s, memory {mem:.1f} GB/s" if h2d and mem else ""
-    return (f"offload decode, {r.get('model', '?')} ({r.get('weights', '?')}) on {r.get('device_name', '?')}; "
-            f"prompt {r.get('prompt_len', '?')}, {r.get('new_tokens', '?')} new tokens{ceil}")
+def run(args, command: str = "offload-bench") -> int:
+    """The sweep `args` (from `parse_args`) describes, or only its plot redrawn (--plot-only)."""
+    if args.plot_only:
+        path = Path(args.plot_only)
+        if not path.is_file():
+            raise OffloadError(f"--plot-only {path}: no such CSV file")
+        rows = read_csv(path)
+        png = plot(rows, path, title_of(rows[0] if rows else {}))
+        if png:
+            say(f"wrote {png}")
+        return 0
+    t0 = time.time()
+    sweep = Sweep(args)
+    sweep.command = command
+    code = sweep.run()
+    say(f"sweep took {time.time() - t0:.0f} s")
+    return code
 
 
 def one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if not isinstance(e, OffloadError) else text
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.plot_only:
-            path = Path(args.plot_only)
-            rows = read_csv(path)
-            png = plot(rows, path, title_of(rows[0] if rows else {}))
-            if png:
-                say(f"wrote {png}")
-            return 0
-        t0 = time.time()
-        code = Sweep(args).run()
-        say(f"sweep took {time.time() - t0:.0f} s")
-        return code
-    except OffloadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
