@@ -346,6 +346,12 @@ class Terminal:
                 self.text += chunk
         return proc.wait(timeout)
 
+    def settle(self, quiet=1.0):
+        """Read until the program has written nothing for `quiet` seconds (a reply of random bytes may
+        itself contain what a prompt looks like)."""
+        while select.select([self.master], [], [], quiet)[0]:
+            self.text += os.read(self.master, 4096)
+
     def type(self, data: bytes):
         os.write(self.master, data)
 
@@ -370,6 +376,8 @@ def test_chat_in_a_terminal_ctrl_c_stops_the_reply_and_the_chat_goes_on(models, 
         start = len(term.text)
         term.type(b"second\n")
         term.wait_for(lambda t: t.endswith(b"\n> ") and len(t) > start + len("second\r\n") + 2)
+        term.settle()
+        assert term.text.endswith(b"\n> ")
         term.type(b"\x03")  # at the prompt: quits
         assert term.wait_for_exit(proc) == 0, term.text
     finally:

@@ -29,9 +29,15 @@ def greedy(model, ids):
 
 
 def minimal_budget(weights_dir):
-    # the smallest byte budget that can work: the largest matrix
+    # the smallest byte budget that can work: the largest entry (q/k/v and gate/up are one fused entry each)
     m = tiny.manifest(weights_dir)
-    return f"{max(sum(quantized_nbytes(t['shape'])) for t in m['tensors'].values() if t['role'] == 'linear')}B"
+    rows = {}
+    for name, t in m["tensors"].items():
+        if t["role"] == "linear":
+            group = name.replace("q_proj", "qkv").replace("k_proj", "qkv").replace("v_proj", "qkv")
+            group = group.replace("gate_proj", "gate_up").replace("up_proj", "gate_up")
+            rows[group] = (rows.get(group, (0, 0))[0] + t["shape"][0], t["shape"][1])
+    return f"{max(-(-p // 256) * 256 + s for p, s in map(quantized_nbytes, rows.values()))}B"
 
 
 def check_against_reference(model_dir, weights_dir, device, cache, policy, cache_format="int4", tol=1e-4):
@@ -82,12 +88,17 @@ def test_pin_streams_exactly_the_unpinned_set_and_lru_thrashes(models, device):
     with offload.load(model_dir, weights_dir, cache="50%", policy="pin", device=device, dtype=torch.float32,
                       progress=False, emulate_copies=True) as engine:
         greedy(engine.model, prompt_ids(device))
-        pinned = engine.cache.pinned
-        assert 0 < len(pinned) < len(linears)
-        # bytes of every streamed matrix: packed int4 + bf16 scales, each padded to the store's alignment
-        streamed = sum(engine.store.entries[k].nbytes for k in linears if k not in pinned)
+        pinned, entries, groups = engine.cache.pinned, engine.store.entries, engine.groups
+        assert 0 < len(pinned) < len(entries)
+
+        def shape(key):  # a fused entry holds its parts' rows
+            parts = [linears[p]["shape"] for p in groups.get(key, [key])]
+            return sum(n for n, _ in parts), parts[0][1]
+
+        # bytes of every streamed matrix: packed int4 + bf16 scales, the packed part padded to the store's alignment
+        streamed = sum(entries[k].nbytes for k in entries if k not in pinned)
         assert streamed == sum(-(-p // 256) * 256 + s for p, s in
-                               (quantized_nbytes(linears[k]["shape"]) for k in linears if k not in pinned))
+                               (quantized_nbytes(shape(k)) for k in entries if k not in pinned))
         assert engine.stats["h2d_bytes_per_token"] == streamed
     with offload.load(model_dir, weights_dir, cache="50%", policy="lru", device=device, dtype=torch.float32,
                       progress=False, emulate_copies=True) as engine:
@@ -154,13 +165,14 @@ def test_generate_text_and_stats_match_the_reference(models, device):
     chat_ids = tok.apply_chat_template([{"role": "user", "content": prompts[0]}], add_generation_prompt=True,
                                        return_dict=False)
     with offload.load(model_dir, weights_dir, cache="50%", device=device, dtype=torch.float32,
-                      progress=False) as engine:
+                      progress=False, emulate_copies=True) as engine:
         single = [engine.generate(p, max_new_tokens=12, min_new_tokens=12) for p in prompts]
         batched = engine.generate(prompts, max_new_tokens=12, min_new_tokens=12)
         engine.reset_stats()
         chat = engine.generate(prompts[0], max_new_tokens=4, chat=True)
         stats = engine.stats
         streamed = [k for k in engine.store.entries if k not in engine.cache.pinned]
+        fused_away = sum(len(parts) - 1 for parts in engine.groups.values())
     assert single == [reference_text(tok(p)["input_ids"], 12, min_new_tokens=12)[0] for p in prompts]
     assert batched == single
     want_chat, chat_new = reference_text(chat_ids, 4)
@@ -172,8 +184,9 @@ def test_generate_text_and_stats_match_the_reference(models, device):
     passes = chat_new  # one prefill pass, then one pass per further token
     assert chat_new > 1 and stats["prefill_tokens"] == len(chat_ids) and stats["decode_tokens"] == chat_new - 1
     assert (stats["model_bytes"], stats["cache_budget_bytes"]) == (model_bytes, model_bytes // 2)
-    assert stats["cache_hits"] + stats["cache_misses"] == passes * len(linears)
-    assert 0 < len(streamed) < len(linears)
+    entries = len(linears) - fused_away  # q/k/v and gate/up are one entry each
+    assert stats["cache_hits"] + stats["cache_misses"] == passes * entries
+    assert 0 < len(streamed) < entries
     assert stats["cache_misses"] == passes * len(streamed)  # the cyclic scan misses every streamed matrix
     assert stats["h2d_bytes_per_token"] == stats["streamed_bytes_per_token"] == model_bytes - stats["pinned_bytes"]
     assert stats["pinned_bytes"] <= stats["resident_bytes"] <= stats["cache_budget_bytes"]
