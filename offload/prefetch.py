@@ -205,16 +205,15 @@ class Prefetcher:
 
     def _fill(self, slot: Slot) -> None:
         entry = self.store.entries[slot.key]
-        host = self.store.raw(slot.key)  # uint8 [nbytes], page-locked on cuda
         if self.cuda:
             with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
                 raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
-                raw.copy_(host, non_blocking=True)
+                self.store.copy_to(raw, slot.key)  # page-locked, or through a bounce buffer
                 slot.data = self.fmt.materialize(raw, entry)
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(self.copy_stream)
         else:
-            slot.data = self.fmt.materialize(host.clone(), entry)
+            slot.data = self.fmt.materialize(self.store.raw(slot.key).clone(), entry)  # uint8 [nbytes]
         slot.copied = entry.nbytes
 
     def close(self) -> None:
