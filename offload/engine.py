@@ -1,7 +1,6 @@
 """Build the HF model on the meta device, swap its linears for cache-backed ones, load the small
 parameters, and wire store -> cache -> prefetcher -> modules. `load()` is the public entry point."""
 import atexit
-import importlib.util
 import json
 import os
 import sys
@@ -13,7 +12,9 @@ import psutil
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
+from .attention import choose_attention
 from .cache import POLICIES, DeviceCache, parse_budget
+from .cudart import CudaRuntime
 from .errors import OffloadError
 from .formats import make_format
 from .host import HostStore, check_ram, layout
@@ -119,10 +120,7 @@ class Engine:
         self.ctx_size = self._resolve_ctx_size(ctx_size)
         self.fmt = make_format(cache_format, self.weights.block_size, self.device, self.dtype)
 
-        attn = "sdpa"
-        if self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and self.dtype != torch.float32:
-            attn = "flash_attention_2"
-        model = empty_model(self.config, self.dtype, attn)
+        model = empty_model(self.config, self.dtype, choose_attention(self.device, self.dtype))
         self.weights.check_config(model)
         # everything the cache does not stream: embeddings, norms, biases, an int8 or bf16 lm_head
         streamed = self.weights.linears
@@ -140,12 +138,20 @@ class Engine:
         # once the first forward has recorded the real one
         order = [f"{name}.weight" for name in linear_modules(model) if f"{name}.weight" in streamed]
         self._check_plan(order, cache, policy)
-        self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress,
+        self.store = HostStore.from_weights(self.weights, order, pin=False, progress=progress,
                                             repack=self.fmt if hasattr(self.fmt, "write_host") else None)
         self._plan(cache, policy, small_device_bytes)
+        if self.device.type == "cuda":  # after the plan: a plan that fails leaves nothing registered
+            self.store.pin(CudaRuntime(self.device))
         self._closed = False
         atexit.register(self.close)  # stop the thread and unpin host memory before the interpreter goes
+        try:
+            self._finish_load(model, small, side_dirs)
+        except BaseException:
+            self.close()  # a failed load leaves no thread and no page-locked memory behind
+            raise
 
+    def _finish_load(self, model, small, side_dirs) -> None:
         swap_linears(model, self.weights.linears, self.prefetcher)
         swap_int8_linears(model, [n for n, t in small.items() if getattr(t, "quant", None) == "int8"],
                           self.weights.block_size)
@@ -283,7 +289,8 @@ class Engine:
     @property
     def stats(self) -> dict:
         """Throughput, cache traffic and memory since load (or `reset_stats`)."""
-        (pt, ps, _), (dt, ds, _) = self.timer.acc["prefill"], self.timer.acc["decode"]
+        acc = self.timer.acc
+        (pt, ps, _), (dt, ds, _), (st, ss, _) = acc["prefill"], acc["decode"], acc["steady"]
         pb, db = self._h2d["prefill"], self._h2d["decode"]
         hits, misses = self.cache.hits - self._counters0[0], self.cache.misses - self._counters0[1]
         cuda = self.device.type == "cuda"
@@ -294,6 +301,7 @@ class Engine:
             "policy": self.cache.policy, "cache_format": self.fmt.name, "cache_spec": self.cache.budget.spec,
             "prefill_tokens": pt, "prefill_seconds": ps, "prefill_tokens_per_s": pt / ps if ps else 0.0,
             "decode_tokens": dt, "decode_seconds": ds, "decode_tokens_per_s": dt / ds if ds else 0.0,
+            "decode_tokens_per_s_after_warmup": st / ss if ss else None,
             "h2d_bytes_per_token": db / dt if dt else 0.0, "h2d_bytes": pb + db,
             "cache_hits": hits, "cache_misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
@@ -305,7 +313,7 @@ class Engine:
             if self.cache.policy == "pin" else None,
             "model_bytes": sum(e.nbytes for e in entries.values()), "host_bytes": self.store.nbytes,
             "cache_model_bytes": self.cache.model_bytes,  # the whole model in the cache format's bytes
-            "host_pinned": self.store.pinned,
+            "host_pinned": self.store.pinned, "host_copy": self.store.copy_mode,
             "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if cuda
             else self.cache.peak_bytes + self._small_bytes,
             "rss_bytes": rss, "peak_rss_bytes": max(rss, _peak_rss() or 0),
@@ -318,9 +326,12 @@ class Engine:
         streamed = s["streamed_bytes_per_token"]
         streamed = f"streamed {fmt_bytes(streamed)}/token" if streamed is not None else "streamed: up to the model/token"
         return (f"memory plan: {self.cache.plan_line()}, {streamed}; model {fmt_bytes(s['model_bytes'])} int4 in "
-                f"{fmt_bytes(self.store.nbytes)} of {'pinned ' if self.store.pinned else ''}host RAM"
+                f"{fmt_bytes(self.store.nbytes)} of {self._host_words()}host RAM"
                 f"{', input embedding too' if self._host_embedding else ''}; "
                 f"{self.device} {str(self.dtype).removeprefix('torch.')}")
+
+    def _host_words(self) -> str:
+        return {"pinned": "pinned ", "bounce": "pageable (bounce-buffered) "}.get(self.store.copy_mode, "")
 
     # ---- generation ----
     def encode(self, prompts, chat=False):

@@ -67,3 +67,37 @@ def test_bad_device_is_one_line_error(capsys):
     assert check.main(["--device", "tpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("offload-check: error:")
+
+
+def _stats(device):
+    return {"device": device, "prefill_tokens": 9, "prefill_tokens_per_s": 30.0, "decode_tokens": 20,
+            "decode_tokens_per_s": 8.0, "decode_tokens_per_s_after_warmup": 10.0, "threads": 2, "cache_hits": 5,
+            "cache_misses": 7, "hit_rate": 5 / 12, "h2d_bytes_per_token": 3e8, "prefetch_waits": 1,
+            "cache_budget_bytes": 2 << 30, "resident_bytes": 4e9, "model_bytes": 5 << 30, "host_bytes": 5 << 30,
+            "rss_bytes": 6 << 30, "peak_rss_bytes": 7 << 30, "peak_device_bytes": 3 << 30}
+
+
+def test_stats_limits_line_on_cuda_only():
+    from offload.cli import stats_summary
+    rates = {"device_copy_gbps": 800.0, "pinned_h2d_gbps": 24.0}
+    cpu = stats_summary(_stats("cpu"), rates)
+    assert "limits" not in cpu and len(cpu.splitlines()) == 4  # cpu: unchanged
+    gpu = stats_summary(_stats("cuda:0"), rates).splitlines()
+    assert len(gpu) == 5 and gpu[2].startswith("limits:  decode 10.00 tokens/s after warm-up")
+    read, copy = 4e9 * 10 / 1e9, 3e8 * 10 / 1e9  # GB/s
+    assert f"read at {read:.1f} GB/s = {100 * read / 800:.0f}% of the device copy rate" in gpu[2]
+    assert f"streamed at {copy:.1f} GB/s = {100 * copy / 24:.0f}% of the page-locked" in gpu[2]
+    assert gpu[-1].endswith("peak device 3.00 GiB")
+    no_check = stats_summary(_stats("cuda:0"), None).splitlines()[2]
+    assert "run offload-check" in no_check
+
+
+def test_last_copy_rates_come_from_the_check_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path))
+    assert check.last_copy_rates(torch.device("cpu")) is None
+    rates = {"device_copy_gbps": 900.0, "pinned_h2d_gbps": 25.0}
+    check.write_json(tmp_path / check.CHECK_FILE, {"info": {"name": "GPU X"}, "copies": rates})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    assert check.last_copy_rates(torch.device("cuda", 0)) == rates
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Y")
+    assert check.last_copy_rates(torch.device("cuda", 0)) is None  # another card's figures are not used
