@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import psutil
+from tqdm import tqdm
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
@@ -18,7 +19,7 @@ from .cudart import CudaRuntime
 from .errors import OffloadError
 from .formats import make_format
 from .host import HostStore, check_ram, layout
-from .int8 import swap_int8_linears
+from .int8 import Int8Linear, swap_int8_linears
 from .modules import OffloadedLinear, empty_model, linear_modules, swap_host_embedding, swap_linears
 from .prefetch import Prefetcher
 from .quant import padded_k
@@ -163,7 +164,32 @@ class Engine:
         self.model = model
         self._small_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.timer = PassTimer(model, self.device, before=self._before_pass, after=self._after_pass)
+        if self.device.type == "cuda":
+            self.warm_up(progress)
         self.reset_stats()
+
+    @torch.inference_mode()
+    def warm_up(self, progress=True) -> int:
+        """Run the decode kernel once per streamed shape (M = 1, on zero weights outside the cache) so
+        that compiling it never lands in the first reply. -> the number of shapes run."""
+        shapes = {}  # (N, K, has bias) -> (entry, bias)
+        for module in self.model.modules():
+            if isinstance(module, OffloadedLinear):
+                entry = self.store.entries[module.key]
+                shapes.setdefault((*entry.shape, module.bias is not None), (entry, module.bias))
+        for entry, bias in tqdm(shapes.values(), desc="warming up the decode kernels", unit="shape",
+                                disable=not progress):
+            raw = torch.zeros(entry.nbytes, dtype=torch.uint8, device=self.device)
+            x = torch.zeros(1, entry.shape[1], dtype=self.dtype, device=self.device)  # [1, K]
+            self.fmt.linear(x, self.fmt.materialize(raw, entry), bias)
+            del raw
+        for module in self.model.modules():  # the resident int8 output projection's decode kernel
+            if isinstance(module, Int8Linear):
+                module(torch.zeros(1, module.in_features, dtype=self.dtype, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        return len(shapes)
 
     def _resolve_ctx_size(self, ctx_size) -> int:
         """The longest context (prompt + reply) the budget leaves KV room for: at most the model's."""
