@@ -287,7 +287,7 @@ class Chat:
             raise ContextFull(f"the prompt is {n_prompt} tokens, the context {ctx} (-c/--ctx-size{again})")
         max_new = min(self.args.max_new_tokens, ctx - n_prompt)
         streamer = TextStreamer(self.engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.engine.memory_errors():
             out = self.engine.model.generate(**enc, max_new_tokens=max_new, streamer=streamer,
                                              stopping_criteria=StoppingCriteriaList([stop] if stop else []),
                                              pad_token_id=self.engine.tokenizer.pad_token_id, **self.sampling)

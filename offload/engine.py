@@ -1,8 +1,10 @@
 """Build the HF model on the meta device, swap its linears for cache-backed ones, load the small
 parameters, and wire store -> cache -> prefetcher -> modules. `load()` is the public entry point."""
 import atexit
+import contextlib
 import json
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -25,7 +27,7 @@ from .prefetch import Prefetcher
 from .quant import padded_k
 from .store import TensorInfo, WeightsDir, check_no_custom_code, regular_file
 from .timing import PassTimer
-from .units import fmt_bytes
+from .units import fmt_bytes, parse_size
 
 KV_RESERVE_TOKENS = 4096  # default context the "auto" budget keeps room for (batch 1)
 SCRATCH_RESERVE = 512 << 20  # activations, allocator slack
@@ -84,6 +86,16 @@ def _device_nbytes(t: TensorInfo, dtype: torch.dtype, block_size: int) -> int:
         rows, kp = t.shape[0], padded_k(t.shape[1], block_size)
         return rows * kp + rows * (kp // block_size) * dtype.itemsize
     return torch.Size(t.shape).numel() * dtype.itemsize
+
+
+def _activation_bytes(config, tokens: int, dtype) -> int:
+    """Device bytes a prefill of `tokens` (batch 1) holds at once, the rule the auto budget reserves for
+    the longest prompt it accepts (ctx_size): per token, the MLP's gate, up and their product
+    (3 x intermediate) and four hidden-size tensors (residual, normed input, attention output, layer
+    output), in the compute dtype; plus the last position's logits in float32, twice (logits, softmax)."""
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    return tokens * (3 * inter + 4 * hidden) * dtype.itemsize + 2 * 4 * config.vocab_size
 
 
 def _kv_bytes_per_token(config, dtype) -> int:
@@ -271,6 +283,7 @@ class Engine:
             free = min(free, self.device_memory - torch.cuda.memory_reserved(self.device))
         reserve = (small_device_bytes
                    + self.ctx_size * _kv_bytes_per_token(self.config, self.dtype)
+                   + _activation_bytes(self.config, self.ctx_size, self.dtype)
                    + 2 * max(n * k * 2 for n, k in (e.shape for e in self.store.entries.values()))
                    + SCRATCH_RESERVE)
         if free - reserve < max(sizes.values()):
@@ -391,11 +404,33 @@ class Engine:
             generate_kwargs.setdefault("temperature", None)
             generate_kwargs.setdefault("top_p", None)
             generate_kwargs.setdefault("top_k", None)
-        with self._generate_lock, torch.inference_mode():
+        with self._generate_lock, torch.inference_mode(), self.memory_errors():
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens,
                                       pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return texts[0] if isinstance(prompts, str) else texts
+
+    @contextlib.contextmanager
+    def memory_errors(self):
+        """A device out-of-memory error inside (in a forward pass or the prefetch thread) becomes one
+        OffloadError line that suggests a cache budget smaller by at least what failed to allocate.
+        The engine stays usable: `replan` with a smaller budget (a failed prefetch thread is replaced)."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, OffloadError) as e:
+            oom = e if isinstance(e, torch.OutOfMemoryError) else e.__cause__
+            if not isinstance(oom, torch.OutOfMemoryError):
+                raise
+            where = "in the prefetch thread" if oom is self.prefetcher.error else "in a forward pass"
+            budget = self.cache.budget_bytes
+            tried = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B)", str(oom))
+            short = parse_size(tried.group(1)) if tried else budget // 10
+            smallest = max(self.cache.sizes.values())
+            suggest = max(budget - short, smallest)
+            spec = f"{suggest >> 20}MiB" if suggest >= 1 << 21 else f"{suggest}B"
+            raise OffloadError(f"out of device memory {where} with a cache of {fmt_bytes(budget)}: use a cache "
+                               f"smaller by at least the {fmt_bytes(short)} that failed, e.g. --cache {spec} "
+                               f"(engine.replan(\"{spec}\"))") from e
 
     def close(self) -> None:
         """Stop the prefetch thread and free device and page-locked host memory."""
