@@ -12,6 +12,7 @@ import threading
 
 import torch
 
+from .arena import Arena
 from .errors import OffloadError
 
 
@@ -31,10 +32,15 @@ class Slot:
 class Prefetcher:
     """Serves `acquire`/`release` to OffloadedLinear; owns the copy stream and the thread."""
 
-    def __init__(self, cache, store, fmt, device: torch.device):
+    def __init__(self, cache, store, fmt, device: torch.device, arena=None):
+        """arena: None = one preallocated device arena where it applies (cuda, policy pin, int4 slots:
+        the slot is the entry's bytes), True/False to force it (tests run it on cpu)."""
         self.cache, self.store, self.fmt, self.device = cache, store, fmt, device
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        if arena is None:
+            arena = self.cuda and cache.policy == "pin" and fmt.name == "int4"
+        self.arena = Arena.for_cache(cache, device) if arena else None
         self.cond = threading.Condition()
         self.slots: dict[str, Slot] = {}
         self.recording = True  # the first forward records the order of accesses
@@ -65,6 +71,12 @@ class Prefetcher:
             self.pos = len(self.order) - 1
             for key in self.cache.replan(list(dict.fromkeys(self.order))):
                 self._evict(key)
+            if self.arena is not None and not self.arena.fits(self.cache):
+                # the recorded order changed the resident set's sizes: new regions, refilled from the host
+                for key in list(self.slots):
+                    self._evict(key)
+                self._release_arena()
+                self.arena = Arena.for_cache(self.cache, self.device)
             self.thread = threading.Thread(target=self._run, name="offload-prefetch", daemon=True)
             self.thread.start()
 
@@ -198,6 +210,8 @@ class Prefetcher:
     def _evict(self, key: str) -> None:
         slot = self.slots.pop(key)
         self.cache.evict(key)
+        if self.arena is not None:
+            self.arena.give(key)
         if self.cuda and slot.consumed is not None:
             # The slot's memory goes back to the allocator on the copy stream: later copies into
             # it must wait until the matmul that read it is done.
@@ -207,14 +221,31 @@ class Prefetcher:
         entry = self.store.entries[slot.key]
         if self.cuda:
             with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
-                raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
+                raw = self._region(slot.key, entry.nbytes)
                 self.store.copy_to(raw, slot.key)  # page-locked, or through a bounce buffer
                 slot.data = self.fmt.materialize(raw, entry)
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(self.copy_stream)
+        elif self.arena is not None:
+            raw = self._region(slot.key, entry.nbytes)
+            raw.copy_(self.store.raw(slot.key))
+            slot.data = self.fmt.materialize(raw, entry)
         else:
             slot.data = self.fmt.materialize(self.store.raw(slot.key).clone(), entry)  # uint8 [nbytes]
         slot.copied = entry.nbytes
+
+    def _region(self, key: str, nbytes: int) -> torch.Tensor:
+        """uint8 [nbytes] on the device for `key`'s copy: its arena region, or a new allocation."""
+        if self.arena is None:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with self.cond:  # the compute thread (recording pass) and the prefetch thread both fill
+            return self.arena.take(key, nbytes)
+
+    def _release_arena(self) -> None:
+        # copies into it and matmuls reading it may still be queued: let them finish first
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.arena = None
 
     def close(self) -> None:
         with self.cond:
@@ -225,3 +256,5 @@ class Prefetcher:
         with self.cond:
             for key in list(self.slots):
                 self._evict(key)
+            if self.arena is not None:
+                self._release_arena()
