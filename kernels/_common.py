@@ -118,7 +118,9 @@ class DefaultConfig:
             config = self.chosen.get(key)
             if config is None:
                 config = self.chosen[key] = self.prune(self.configs, named, kwargs)[0]
-            return self.fn[grid](*args, **kwargs, **config.all_kwargs())
+            launch_kwargs = config.all_kwargs() if hasattr(config, "all_kwargs") else {  # Triton < 3.0
+                **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            return self.fn[grid](*args, **kwargs, **launch_kwargs)
         return launch
 
 
