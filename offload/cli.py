@@ -237,8 +237,12 @@ def _run(args) -> int:
         else:
             chat.interactive(first=args.prompt)
         stats = engine.stats
+        rates = None
+        if engine.device.type == "cuda":
+            from .check import last_copy_rates
+            rates = last_copy_rates(engine.device)
     if args.stats:
-        print(stats_summary(stats), file=sys.stderr)
+        print(stats_summary(stats, rates), file=sys.stderr)
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(stats, f, indent=1)
@@ -287,7 +291,7 @@ class Chat:
             raise ContextFull(f"the prompt is {n_prompt} tokens, the context {ctx} (-c/--ctx-size{again})")
         max_new = min(self.args.max_new_tokens, ctx - n_prompt)
         streamer = TextStreamer(self.engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.engine.memory_errors():
             out = self.engine.model.generate(**enc, max_new_tokens=max_new, streamer=streamer,
                                              stopping_criteria=StoppingCriteriaList([stop] if stop else []),
                                              pad_token_id=self.engine.tokenizer.pad_token_id, **self.sampling)
@@ -418,9 +422,10 @@ def _quiet_tty(stream):
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-def stats_summary(s: dict) -> str:
+def stats_summary(s: dict, rates: dict | None = None) -> str:
     """engine.stats as the lines offload-run prints at the end (binary units; device figures on cuda,
-    process RSS on cpu; bytes copied per token only when the cache streams)."""
+    process RSS on cpu; bytes copied per token only when the cache streams). On cuda one more line:
+    the decode rate after warm-up against the limits `rates` (offload-check's copy figures) set."""
     from .units import fmt_bytes
     cpu = s["device"] == "cpu"
     cache = f"cache:   {s['cache_hits']} hits, {s['cache_misses']} misses ({100 * s['hit_rate']:.1f}% hit)"
@@ -436,11 +441,30 @@ def stats_summary(s: dict) -> str:
         memory += f"process RSS {fmt_bytes(s['rss_bytes'])}{peak}"
     else:
         memory += f"peak device {fmt_bytes(s['peak_device_bytes'])}"
-    return "\n".join([
-        f"prefill: {s['prefill_tokens']} tokens, {s['prefill_tokens_per_s']:.2f} tokens/s",
-        f"decode:  {s['decode_tokens']} tokens, {s['decode_tokens_per_s']:.2f} tokens/s"
-        + (f" ({s['threads']} threads)" if cpu else ""),
-        cache, memory])
+    lines = [f"prefill: {s['prefill_tokens']} tokens, {s['prefill_tokens_per_s']:.2f} tokens/s",
+             f"decode:  {s['decode_tokens']} tokens, {s['decode_tokens_per_s']:.2f} tokens/s"
+             + (f" ({s['threads']} threads)" if cpu else ""),
+             cache, memory]
+    if not cpu and s.get("decode_tokens_per_s_after_warmup"):
+        lines.insert(2, _limits_line(s, rates))
+    return "\n".join(lines)
+
+
+def _limits_line(s: dict, rates: dict | None) -> str:
+    """Steady decode rate; with offload-check's figures, the share of the device memory bandwidth the
+    resident weights are read at and of the host->device copy rate the streamed bytes move at."""
+    tps = s["decode_tokens_per_s_after_warmup"]
+    line = f"limits:  decode {tps:.2f} tokens/s after warm-up"
+    if not rates:
+        return line + "; run offload-check once to see it against this GPU's bandwidth and copy rate"
+    read = s["resident_bytes"] * tps / 1e9
+    line += (f"; resident weights read at {read:.1f} GB/s = {100 * read / rates['device_copy_gbps']:.0f}% of the "
+             f"device copy rate ({rates['device_copy_gbps']:.0f} GB/s)")
+    if s["h2d_bytes_per_token"]:
+        copy = s["h2d_bytes_per_token"] * tps / 1e9
+        line += (f", streamed at {copy:.1f} GB/s = {100 * copy / rates['pinned_h2d_gbps']:.0f}% of the page-locked "
+                 f"host->device rate ({rates['pinned_h2d_gbps']:.1f} GB/s)")
+    return line
 
 
 # ---- offload-eval ----

@@ -1,32 +1,37 @@
 """Build the HF model on the meta device, swap its linears for cache-backed ones, load the small
 parameters, and wire store -> cache -> prefetcher -> modules. `load()` is the public entry point."""
 import atexit
-import importlib.util
+import contextlib
 import json
 import os
+import re
 import sys
 import threading
 from pathlib import Path
 
 import psutil
 from jinja2 import TemplateError
+from tqdm import tqdm
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
+from .attention import choose_attention
 from .cache import POLICIES, DeviceCache, parse_budget
+from .cudart import CudaRuntime
 from .errors import OffloadError
 from .formats import make_format
 from .fusion import fusion_groups, gather_biases, swap_fused
 from .host import HostStore, check_ram, entry_shapes, layout
-from .modules import empty_model, linear_modules, swap_host_embedding, swap_int8_linears, swap_linears
+from .modules import (Int8Linear, OffloadedLinear, empty_model, linear_modules, swap_host_embedding, swap_int8_linears,
+                      swap_linears)
 from .prefetch import Prefetcher
 from .quant import padded_k
 from .source import check_no_custom_code, regular_file
 from .store import TensorInfo, WeightsDir
 from .stream import TextStream
 from .timing import PassTimer
-from .units import fmt_bytes
+from .units import fmt_bytes, parse_size
 
 KV_RESERVE_TOKENS = 4096  # default context the "auto" budget keeps room for (batch 1)
 SCRATCH_RESERVE = 512 << 20  # activations, allocator slack
@@ -89,6 +94,16 @@ def _device_nbytes(t: TensorInfo, dtype: torch.dtype, block_size: int) -> int:
     return torch.Size(t.shape).numel() * dtype.itemsize
 
 
+def _activation_bytes(config, tokens: int, dtype) -> int:
+    """Device bytes a prefill of `tokens` (batch 1) holds at once, the rule the auto budget reserves for
+    the longest prompt it accepts (ctx_size): per token, the MLP's gate, up and their product
+    (3 x intermediate) and four hidden-size tensors (residual, normed input, attention output, layer
+    output), in the compute dtype; plus the last position's logits in float32, twice (logits, softmax)."""
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    return tokens * (3 * inter + 4 * hidden) * dtype.itemsize + 2 * 4 * config.vocab_size
+
+
 def _kv_bytes_per_token(config, dtype) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -125,10 +140,7 @@ class Engine:
         self.ctx_size = self._resolve_ctx_size(ctx_size)
         self.fmt = make_format(cache_format, self.weights.block_size, self.device, self.dtype)
 
-        attn = "sdpa"
-        if self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and self.dtype != torch.float32:
-            attn = "flash_attention_2"
-        model = empty_model(self.config, self.dtype, attn)
+        model = empty_model(self.config, self.dtype, choose_attention(self.device, self.dtype))
         self.weights.check_config(model)
         # everything the cache does not stream: embeddings, norms, biases, an int8 or bf16 lm_head
         streamed = self.weights.linears
@@ -149,22 +161,30 @@ class Engine:
         order = list(dict.fromkeys(fused_of.get(f"{name}.weight", f"{name}.weight") for name in linear_modules(model)
                                    if f"{name}.weight" in streamed))
         self._check_plan(order, cache, policy)
-        self.store = HostStore.from_weights(self.weights, order, pin=self.device.type == "cuda", progress=progress,
+        self.store = HostStore.from_weights(self.weights, order, pin=False, progress=progress,
                                             repack=self.fmt if hasattr(self.fmt, "write_host") else None,
                                             groups=self.groups)
         self.cache = self._plan(cache, policy, small_device_bytes)
         # cpu: the host buffer is what the compute reads; copying into a "device" slot only emulates a GPU
         self.zero_copy = self.device.type == "cpu" and self.fmt.views_host and not emulate_copies
         self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device, zero_copy=self.zero_copy)
+        if self.device.type == "cuda":  # after the plan: a plan that fails leaves nothing registered
+            self.store.pin(CudaRuntime(self.device))
         self._closed = False
         atexit.register(self.close)  # stop the thread and unpin host memory before the interpreter goes
+        try:
+            self._finish_load(model, small, side_dirs, streamed, fused_of, progress)
+        except BaseException:
+            self.close()  # a failed load leaves no thread and no page-locked memory behind
+            raise
 
+    def _finish_load(self, model, small, side_dirs, streamed, fused_of, progress) -> None:
         swap_linears(model, [k for k in streamed if k not in fused_of], self.prefetcher)
-        products = swap_fused(model, self.groups, self.prefetcher)
+        self._products = swap_fused(model, self.groups, self.prefetcher)
         swap_int8_linears(model, [n for n, t in small.items() if getattr(t, "quant", None) == "int8"],
                           self.weights.block_size)
         self._load_small(model, small)
-        gather_biases(model, products)
+        gather_biases(model, self._products)
         model.eval()
         gen_dir = next((d for d in side_dirs if (d / "generation_config.json").exists()), None)
         if gen_dir is not None:
@@ -173,7 +193,33 @@ class Engine:
         self._small_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.timer = PassTimer(model, self.device, before=self._before_pass, after=self._after_pass)
         self.prefetcher.attach(model)  # after the timer's hooks: the first pass's planning is not timed
+        if self.device.type == "cuda":
+            self.warm_up(progress)
         self.reset_stats()
+
+    @torch.inference_mode()
+    def warm_up(self, progress=True) -> int:
+        """Run the decode kernel once per streamed shape (M = 1, on zero weights outside the cache) so
+        that compiling it never lands in the first reply. -> the number of shapes run."""
+        shapes = {}  # (N, K, has bias) -> (entry, bias)
+        users = [(m.key, m.bias) for m in self.model.modules() if isinstance(m, OffloadedLinear)]
+        users += [(p.key, p.bias) for p in self._products]
+        for key, bias in users:
+            entry = self.store.entries[key]
+            shapes.setdefault((*entry.shape, bias is not None), (entry, bias))
+        for entry, bias in tqdm(shapes.values(), desc="warming up the decode kernels", unit="shape",
+                                disable=not progress):
+            raw = torch.zeros(entry.nbytes, dtype=torch.uint8, device=self.device)
+            x = torch.zeros(1, entry.shape[1], dtype=self.dtype, device=self.device)  # [1, K]
+            self.fmt.linear(x, self.fmt.materialize(raw, entry), bias)
+            del raw
+        for module in self.model.modules():  # the resident int8 output projection's decode kernel
+            if isinstance(module, Int8Linear):
+                module(torch.zeros(1, module.in_features, dtype=self.dtype, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        return len(shapes)
 
     def _resolve_ctx_size(self, ctx_size) -> int:
         """The longest context (prompt + reply) the budget leaves KV room for: at most the model's."""
@@ -241,10 +287,11 @@ class Engine:
         try:
             plan = self._plan(cache, policy, 0)  # the small tensors are on the device already
         except OffloadError:
-            self.prefetcher.restart(self._plan(*old, 0))
+            self.cache = self._plan(*old, 0)
+            self.prefetcher.restart(self.cache)
             raise
-        self.prefetcher.restart(plan)
         self.cache = plan
+        self.prefetcher.restart(plan)
         self.reset_stats()
 
     def _auto_budget(self, sizes, small_device_bytes: int) -> int:
@@ -253,6 +300,7 @@ class Engine:
             free = min(free, self.device_memory - torch.cuda.memory_reserved(self.device))
         reserve = (small_device_bytes
                    + self.ctx_size * _kv_bytes_per_token(self.config, self.dtype)
+                   + _activation_bytes(self.config, self.ctx_size, self.dtype)
                    + 2 * max(n * k * 2 for n, k in (e.shape for e in self.store.entries.values()))
                    + SCRATCH_RESERVE)
         if free - reserve < max(sizes.values()):
@@ -318,7 +366,7 @@ class Engine:
             if self.cache.policy == "pin" and not self.zero_copy else 0 if self.zero_copy else None,
             "model_bytes": sum(e.nbytes for e in entries.values()), "host_bytes": self.store.nbytes,
             "cache_model_bytes": self.cache.model_bytes,  # the whole model in the cache format's bytes
-            "host_pinned": self.store.pinned,
+            "host_pinned": self.store.pinned, "host_copy": self.store.copy_mode,
             "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if cuda
             else self.cache.peak_bytes + self._small_bytes,
             "rss_bytes": rss, "peak_rss_bytes": max(rss, _peak_rss() or 0),
@@ -335,9 +383,12 @@ class Engine:
         streamed = s["streamed_bytes_per_token"]
         streamed = f"streamed {fmt_bytes(streamed)}/token" if streamed is not None else "streamed: up to the model/token"
         return (f"memory plan: {self.cache.plan_line()}, {streamed}; model {fmt_bytes(s['model_bytes'])} int4 in "
-                f"{fmt_bytes(self.store.nbytes)} of {'pinned ' if self.store.pinned else ''}host RAM"
+                f"{fmt_bytes(self.store.nbytes)} of {self._host_words()}host RAM"
                 f"{', input embedding too' if self._host_embedding else ''}; "
                 f"{self.device} {str(self.dtype).removeprefix('torch.')}")
+
+    def _host_words(self) -> str:
+        return {"pinned": "pinned ", "bounce": "pageable (bounce-buffered) "}.get(self.store.copy_mode, "")
 
     # ---- generation ----
     def encode(self, prompts, chat=False):
@@ -393,10 +444,32 @@ class Engine:
         return texts[0] if _is_single(prompts) else texts
 
     def _generate_locked(self, kwargs):
-        with self._generate_lock, torch.inference_mode():
+        with self._generate_lock, torch.inference_mode(), self.memory_errors():
             if self._closed:
                 raise OffloadError("the engine is closed")
             return self.model.generate(**kwargs)
+
+    @contextlib.contextmanager
+    def memory_errors(self):
+        """A device out-of-memory error inside (in a forward pass or the prefetch thread) becomes one
+        OffloadError line that suggests a cache budget smaller by at least what failed to allocate.
+        The engine stays usable: `replan` with a smaller budget (a failed prefetch thread is replaced)."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, OffloadError) as e:
+            oom = e if isinstance(e, torch.OutOfMemoryError) else e.__cause__
+            if not isinstance(oom, torch.OutOfMemoryError):
+                raise
+            where = "in the prefetch thread" if oom is self.prefetcher.error else "in a forward pass"
+            budget = self.cache.budget_bytes
+            tried = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B)", str(oom))
+            short = parse_size(tried.group(1)) if tried else budget // 10
+            smallest = max(self.cache.sizes.values())
+            suggest = max(budget - short, smallest)
+            spec = f"{suggest >> 20}MiB" if suggest >= 1 << 21 else f"{suggest}B"
+            raise OffloadError(f"out of device memory {where} with a cache of {fmt_bytes(budget)}: use a cache "
+                               f"smaller by at least the {fmt_bytes(short)} that failed, e.g. --cache {spec} "
+                               f"(engine.replan(\"{spec}\"))") from e
 
     def close(self) -> None:
         """Stop the prefetch thread and free device and page-locked host memory."""

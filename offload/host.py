@@ -3,7 +3,11 @@
 Each entry is one contiguous byte range [packed | pad | scales], so moving an entry to the
 device is a single copy. On a CUDA machine the buffer is page-locked with cudaHostRegister
 at its exact size (PyTorch's pinned allocator would round a 16.5 GB request up to 32 GB).
+Where page-locking fails (WSL2 caps it at a few GB, so do some containers) copies go through
+a small page-locked bounce buffer instead: slower, but loading never fails for it.
 """
+import sys
+import threading
 from dataclasses import dataclass
 
 import psutil
@@ -16,6 +20,7 @@ from .units import fmt_bytes
 
 ALIGN = 256  # bytes; keeps every view aligned for vectorized DMA and kernel loads
 RAM_HEADROOM = 1 << 30  # left free for the process itself, tokenizer, activations
+BOUNCE_CHUNK = 32 << 20  # bytes per bounce chunk: large enough to keep a PCIe copy near full speed
 
 
 def aligned(n: int) -> int:
@@ -79,17 +84,51 @@ def check_ram(need: int, what: str) -> None:
                            f"(+{fmt_bytes(RAM_HEADROOM)} headroom), {fmt_bytes(available)} available")
 
 
-class HostStore:
-    """All int4 matrices of a model in ONE host buffer (page-locked when `pin`)."""
+class BounceBuffer:
+    """Two page-locked chunks for copying from pageable memory: the host fills one chunk while the
+    copy engine reads the other; before a chunk is refilled the host waits for the copy out of it."""
 
-    def __init__(self, shapes: dict[str, tuple], block_size: int, pin: bool, host_nbytes=None):
+    def __init__(self, runtime, chunk_bytes: int | None = None):
+        self.runtime, self.chunk_bytes = runtime, chunk_bytes or BOUNCE_CHUNK
+        self.chunks = [runtime.pinned_empty(self.chunk_bytes) for _ in range(2)]  # uint8 [chunk_bytes] each
+        self.done = [None, None]  # per chunk: an event after the last copy out of it
+        self.next = 0
+        self.lock = threading.Lock()  # one copy at a time uses the chunks
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst (device uint8 [n]) <- src (pageable host uint8 [n]), issued on the current stream."""
+        with self.lock:
+            for start in range(0, src.numel(), self.chunk_bytes):
+                i, self.next = self.next, 1 - self.next
+                if self.done[i] is not None:
+                    self.done[i].synchronize()  # the previous copy out of chunk i has finished
+                n = min(self.chunk_bytes, src.numel() - start)
+                chunk = self.chunks[i][:n]
+                chunk.copy_(src[start: start + n])
+                dst[start: start + n].copy_(chunk, non_blocking=True)
+                self.done[i] = self.runtime.record_event()
+
+
+class HostStore:
+    """All int4 matrices of a model in ONE host buffer (page-locked when `pin`).
+
+    `copy_mode`: "pinned" (the buffer is page-locked: one DMA per entry), "bounce" (page-locking
+    failed: copies go through a BounceBuffer) or "pageable" (not pinned: cpu, or not asked).
+    """
+
+    def __init__(self, shapes: dict[str, tuple], block_size: int, pin: bool, host_nbytes=None, runtime=None):
         self.block_size = block_size
         self.entries, self.nbytes = layout(shapes, block_size, host_nbytes)
         check_ram(self.nbytes, "the int4 weights")
         self.buffer = torch.empty(self.nbytes, dtype=torch.uint8)
-        self.pinned = False
+        self.copy_mode = "pageable"
+        self.runtime, self.bounce = runtime, None
         if pin:
-            self._register()
+            self.pin()
+
+    @property
+    def pinned(self) -> bool:
+        return self.copy_mode == "pinned"
 
     @classmethod
     def from_weights(cls, weights, order, pin: bool, progress=True, repack=None, groups=None) -> "HostStore":
@@ -131,16 +170,43 @@ class HostStore:
                 packed_view.copy_(qweight)
                 scales_view.copy_(scales)
         if pin:
-            store._register()
+            store.pin()
         return store
 
-    def _register(self) -> None:
-        # Register after filling: page-locking a buffer is cheaper than copying into one.
-        err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.nbytes, 0)
-        if int(err) != 0:
-            raise OffloadError(f"cudaHostRegister of {fmt_bytes(self.nbytes)} failed (error {int(err)}); "
-                               "is the locked-memory limit (ulimit -l) too low?")
-        self.pinned = True
+    def pin(self, runtime=None) -> None:
+        """Page-lock the buffer for fast device copies (after filling it: page-locking a buffer is
+        cheaper than copying into one). If that fails, print one notice and use a bounce buffer."""
+        if self.copy_mode != "pageable":
+            return
+        if runtime is not None:
+            self.runtime = runtime
+        if self.runtime is None:
+            from .cudart import CudaRuntime
+            self.runtime = CudaRuntime(torch.device("cuda", torch.cuda.current_device()))
+        err, message = self.runtime.register(self.buffer.data_ptr(), self.nbytes)
+        if err == 0:
+            self.copy_mode = "pinned"
+            return
+        self.runtime.clear_error()
+        failed = (f"offload: page-locking {fmt_bytes(self.nbytes)} of host RAM failed (CUDA error {err}: {message}; "
+                  "WSL2 and some containers cap locked memory)")
+        try:
+            self.bounce = BounceBuffer(self.runtime)
+        except RuntimeError as e:  # not even the small chunks: plain synchronous copies
+            self.runtime.clear_error()
+            print(f"{failed}, and so did a bounce buffer ({str(e).splitlines()[0]}): copying from pageable "
+                  "memory, streaming will be much slower", file=sys.stderr)
+            return
+        self.copy_mode = "bounce"
+        print(f"{failed}: copying through a 2 x {fmt_bytes(BOUNCE_CHUNK)} page-locked bounce buffer instead; "
+              "streaming will be slower (one more host memory copy per byte)", file=sys.stderr)
+
+    def copy_to(self, dst: torch.Tensor, key: str) -> None:
+        """dst (uint8 [nbytes] on the device) <- the entry's bytes, issued on the current stream."""
+        if self.copy_mode == "bounce":
+            self.bounce.copy(dst, self.raw(key))
+        else:
+            dst.copy_(self.raw(key), non_blocking=True)
 
     def raw(self, key: str) -> torch.Tensor:
         e = self.entries[key]
@@ -150,6 +216,11 @@ class HostStore:
         return self.entries[key].views(self.raw(key), self.block_size)
 
     def close(self) -> None:
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
-            self.pinned = False
+        """Release the page-locking, after the device has finished every copy out of the buffer."""
+        if self.copy_mode == "pageable":
+            return
+        self.runtime.synchronize()
+        if self.copy_mode == "pinned" and self.runtime.unregister(self.buffer.data_ptr()) != 0:
+            self.runtime.clear_error()
+        self.bounce = None
+        self.copy_mode = "pageable"

@@ -24,6 +24,12 @@ METHODS = ("absmax", "mse", "gptq")
 # chosen scale never reconstructs a block worse than absmax does.
 MSE_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))  # 1.00, 0.98, ..., 0.50
 GPTQ_DAMP = 0.01  # of the mean Hessian diagonal, added to the diagonal (keeps H invertible)
+# The inverse-Hessian factorization runs in float64: with float32 (and the damping above) the demo
+# model's perplexity rose from 34.53 to 35.34 and 15% of the int4 values changed
+# (benchmarks/gptq_precision.py, benchmarks/results/cpu-smollm2-135m-gptq-factor-precision-*.json).
+# Done in place, float64 still fits a 32B down_proj (K = 27648) on a 24 GB card (tests/test_gptq_memory.py);
+# float32 (factor_dtype) halves the factorization's memory for smaller cards.
+GPTQ_FACTOR_DTYPE = torch.float64
 GPTQ_SEQ_LEN = 512  # tokens per calibration sequence
 GPTQ_MAX_SEQUENCES = 128
 
@@ -81,39 +87,77 @@ class Hessian:
         self.rows = total
 
 
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), with damping; float64 for the factorizations."""
-    h = h.double()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = h.diagonal().mean()
+def _inverse_hessian_factor(box: list, damp: float, dtype=GPTQ_FACTOR_DTYPE) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damping)^-1 = U^T U, float32 [K, K].
+
+    `box` = [H]: H is taken out of the list so that this is its only reference, damped in place and
+    freed once factorized; at most two [K, K] matrices of `dtype` are alive at any time.
+    """
+    h = box.pop()
+    h = h if h.dtype == dtype else h.to(dtype)  # [K, K]
+    mean_diag = h.diagonal().mean().item()
+    added = 0.0
     for attempt in range(4):  # a rank-deficient H (little calibration text) may need more damping
-        lower, info = torch.linalg.cholesky_ex(h + damp * 10 ** attempt * mean_diag * eye)
+        target = damp * 10 ** attempt * mean_diag
+        h.diagonal().add_(target - added)
+        added = target
+        lower, info = torch.linalg.cholesky_ex(h)
         if info == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
-    raise OffloadError("GPTQ: the calibration Hessian is not positive definite even with damping "
-                       "(too little or degenerate calibration text?)")
+            break
+        del lower
+    else:
+        raise OffloadError("GPTQ: the calibration Hessian is not positive definite even with damping "
+                           "(too little or degenerate calibration text?)")
+    del h
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    u = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
+    return u if u.dtype == torch.float32 else u.float()
 
 
-def gptq(w: torch.Tensor, hessian: torch.Tensor, block_size: int = quant.BLOCK_SIZE, damp: float = GPTQ_DAMP,
-         scale_search: str = "absmax"):
+def gptq_peak_bytes(n: int, k: int, block_size: int = quant.BLOCK_SIZE, dtype=GPTQ_FACTOR_DTYPE) -> int:
+    """Bytes `gptq` allocates at its peak for a weight [N, K], besides its arguments: while the
+    factor is computed, two [Kp, Kp] matrices of `dtype` and the float32 work copy [N, Kp]; in the
+    column loop, U and three [N, Kp] float32 (work, out, one lazy-update product). Library
+    workspaces (cuSOLVER, LAPACK) come on top."""
+    kp = quant.padded_k(k, block_size)
+    factor = 2 * (torch.finfo(dtype).bits // 8) * kp * kp + 4 * n * kp
+    loop = 4 * kp * kp + 3 * 4 * n * kp
+    return max(factor, loop)
+
+
+def gptq(w: torch.Tensor, hessian, block_size: int = quant.BLOCK_SIZE, damp: float = GPTQ_DAMP,
+         scale_search: str = "absmax", factor_dtype=None):
     """GPTQ-quantize one weight [N, K] given H = X^T X [K, K] of its inputs -> (packed, scales) as `quant.quantize`.
 
     Columns are quantized left to right; the scale of a block is chosen (`scale_search`: absmax or
     mse) from the block's weights as updated by the errors of the blocks before it, when the block is
-    reached. Blocks of 128 columns are also GPTQ's lazy-update batches.
+    reached. Blocks of 128 columns are also GPTQ's lazy-update batches. `hessian` may be a `Hessian`:
+    its matrix is then consumed (modified and released: `hessian.h` becomes None) to save memory.
+    `factor_dtype`: of the inverse-Hessian factorization (None: GPTQ_FACTOR_DTYPE). Peak memory:
+    `gptq_peak_bytes`.
     """
     n, k = w.shape
-    if hessian.shape != (k, k):
-        raise OffloadError(f"GPTQ: Hessian {tuple(hessian.shape)} does not match the weight {tuple(w.shape)}")
+    owner, hessian = (hessian, hessian.h) if isinstance(hessian, Hessian) else (None, hessian)
+    if hessian is None or hessian.shape != (k, k):
+        raise OffloadError(f"GPTQ: Hessian {None if hessian is None else tuple(hessian.shape)} does not match "
+                           f"the weight {tuple(w.shape)}")
     search = {"absmax": absmax_scales, "mse": mse_scales}[scale_search]
     kp = quant.padded_k(k, block_size)
     work = torch.nn.functional.pad(w.float(), (0, kp - k))  # [N, Kp]
-    h = torch.zeros(kp, kp, dtype=torch.float32, device=w.device)
-    h[:k, :k] = hessian
+    if owner is not None and kp == k and hessian.dtype == torch.float32:
+        h, owner.h = hessian, None
+    else:
+        h = torch.zeros(kp, kp, dtype=torch.float32, device=w.device)
+        h[:k, :k] = hessian
+    del hessian
     dead = h.diagonal() == 0  # inputs that are always 0 (and the padding): any value works, pick 0
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
-    u = _inverse_hessian_factor(h, damp)  # [Kp, Kp]
+    box = [h]
+    del h  # the factorization frees H as soon as it can: it must hold the only reference
+    u = _inverse_hessian_factor(box, damp, factor_dtype or GPTQ_FACTOR_DTYPE)  # [Kp, Kp]
 
     out = torch.empty_like(work)  # fake-quantized weights [N, Kp]
     scales = torch.empty(n, kp // block_size, dtype=torch.bfloat16, device=w.device)
@@ -179,7 +223,7 @@ def gptq_model(model_dir, calibration_text: str, keys, *, block_size=quant.BLOCK
             for hook in hooks:
                 hook.remove()
         for key, m in linears.items():
-            packed, scales = gptq(m.weight, hessians[key].h, block_size, damp, scale_search)
+            packed, scales = gptq(m.weight, hessians.pop(key), block_size, damp, scale_search)  # consumed
             # later layers see this layer's real (quantized) output
             m.weight.copy_(quant.dequantize(packed, scales, tuple(m.weight.shape)))
             yield key, packed.cpu(), scales.cpu()
@@ -189,6 +233,6 @@ def gptq_model(model_dir, calibration_text: str, keys, *, block_size=quant.BLOCK
         h = Hessian(runner.head.in_features, runner.device)
         for row, final in zip(ids, hidden):
             h.add(runner.head_input(row[None], final))
-        packed, scales = gptq(runner.head.weight, h.h, block_size, damp, scale_search)
+        packed, scales = gptq(runner.head.weight, h, block_size, damp, scale_search)
         yield runner.head_key, packed.cpu(), scales.cpu()
 

@@ -103,16 +103,34 @@ class HostEmbedding(nn.Module):
     copies only those ([B, T, D], a few KiB per decode step) to the device. A 32B model's table is
     1.56 GB that the device cache gets instead."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx, device):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx, device, runtime=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.device = torch.device(device)
         # [V, D] on the cpu, set by the engine. A plain attribute, not a parameter, so that
         # model.to(device) leaves it where it is.
         self.table = None
+        # cuda: page-locked staging through offload.cudart (a fake in tests); None on cpu
+        if runtime is None and self.device.type == "cuda":
+            from .cudart import CudaRuntime
+            runtime = CudaRuntime(self.device)
+        self.runtime = runtime
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids long [B, T] -> [B, T, D] on the device
-        return F.embedding(ids.cpu(), self.table, self.padding_idx).to(self.device)
+        if self.runtime is None:
+            return F.embedding(ids.cpu(), self.table, self.padding_idx).to(self.device)
+        # The rows are gathered on the host, so the host needs the ids the device sampled: this is
+        # the one wait per step, for the sampler's work only (an event on the copy, no device-wide
+        # synchronize, no pageable copy). Both copies go through page-locked buffers (torch's caching
+        # host allocator keeps a buffer until the copy out of it has finished).
+        host_ids = self.runtime.pinned_empty(ids.numel() * ids.element_size()).view(ids.dtype).view(ids.shape)
+        host_ids.copy_(ids, non_blocking=True)
+        self.runtime.record_event().synchronize()
+        d = self.embedding_dim
+        rows = self.runtime.pinned_empty(ids.numel() * d * self.table.element_size()).view(self.table.dtype)
+        rows = rows.view(*ids.shape, d)  # [B, T, D]
+        torch.index_select(self.table, 0, host_ids.reshape(-1), out=rows.view(-1, d))  # = F.embedding's forward
+        return rows.to(self.device, non_blocking=True)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, on host"

@@ -17,6 +17,7 @@ import threading
 
 import torch
 
+from .arena import Arena
 from .errors import OffloadError
 
 
@@ -37,16 +38,23 @@ class Prefetcher:
     """Computes OffloadedLinear's products (`linear`) from device slots; owns the copy stream and the
     thread. `attach(model)` registers the pass hooks; `restart(cache)` serves a new cache plan."""
 
-    def __init__(self, cache, store, fmt, device: torch.device, zero_copy: bool = False):
+    def __init__(self, cache, store, fmt, device: torch.device, zero_copy: bool = False, arena=None):
+        """arena: None = one preallocated device arena where it applies (cuda, policy pin, int4 slots:
+        the slot is the entry's bytes), True/False to force it (tests run it on cpu)."""
         self.store, self.fmt, self.device, self.zero_copy = store, fmt, device, zero_copy
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.arena_option = arena
         self.cond = threading.Condition()
         self.handles = []
         self._start(cache)
 
     def _start(self, cache) -> None:
         self.cache = cache
+        arena = self.arena_option
+        if arena is None:
+            arena = self.cuda and cache.policy == "pin" and self.fmt.name == "int4" and not self.zero_copy
+        self.arena = Arena.for_cache(cache, self.device) if arena else None
         self.slots: dict[str, Slot] = {}
         self.recording = True  # the first forward records the order of accesses
         self.order: list[str] = []
@@ -102,6 +110,12 @@ class Prefetcher:
             self.pos = len(self.order) - 1
             for key in self.cache.set_order(list(dict.fromkeys(self.order))):
                 self._evict(key)
+            if self.arena is not None and not self.arena.fits(self.cache):
+                # the recorded order changed the resident set's sizes: new regions, refilled from the host
+                for key in list(self.slots):
+                    self._evict(key)
+                self._release_arena()
+                self.arena = Arena.for_cache(self.cache, self.device)
             self.thread = threading.Thread(target=self._run, name="offload-prefetch", daemon=True)
             self.thread.start()
 
@@ -243,6 +257,8 @@ class Prefetcher:
         self.bound.pop(key, None)
         slot = self.slots.pop(key)
         self.cache.evict(key)
+        if self.arena is not None:
+            self.arena.give(key)
         if self.cuda and slot.consumed is not None:
             # The slot's memory goes back to the allocator on the copy stream: later copies into
             # it must wait until the matmul that read it is done.
@@ -250,17 +266,33 @@ class Prefetcher:
 
     def _fill(self, slot: Slot) -> None:
         entry = self.store.entries[slot.key]
-        host = self.store.raw(slot.key)  # uint8 [nbytes], page-locked on cuda
         if self.cuda:
             with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
-                raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
-                raw.copy_(host, non_blocking=True)
+                raw = self._region(slot.key, entry.nbytes)
+                self.store.copy_to(raw, slot.key)  # page-locked, or through a bounce buffer
                 slot.data = self.fmt.materialize(raw, entry)
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(self.copy_stream)
+        elif self.arena is not None:
+            raw = self._region(slot.key, entry.nbytes)
+            raw.copy_(self.store.raw(slot.key))
+            slot.data = self.fmt.materialize(raw, entry)
         else:
-            slot.data = self.fmt.materialize(host.clone(), entry)
+            slot.data = self.fmt.materialize(self.store.raw(slot.key).clone(), entry)  # uint8 [nbytes]
         slot.copied = entry.nbytes
+
+    def _region(self, key: str, nbytes: int) -> torch.Tensor:
+        """uint8 [nbytes] on the device for `key`'s copy: its arena region, or a new allocation."""
+        if self.arena is None:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with self.cond:  # the compute thread (recording pass) and the prefetch thread both fill
+            return self.arena.take(key, nbytes)
+
+    def _release_arena(self) -> None:
+        # copies into it and matmuls reading it may still be queued: let them finish first
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.arena = None
 
     def close(self) -> None:
         with self.cond:
@@ -276,3 +308,5 @@ class Prefetcher:
             self.bound = {}
             for key in list(self.slots):
                 self._evict(key)
+            if self.arena is not None:
+                self._release_arena()

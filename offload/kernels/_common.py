@@ -89,12 +89,49 @@ def prune_by_smem(configs, limit, estimate):
     return fits or [min(configs, key=estimate)]
 
 
+AUTOTUNE_ENV = "OFFLOAD_AUTOTUNE"  # "1": benchmark the configs (once per shape bucket, kept on disk)
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV) == "1"
+
+
+def prefill_bucket(m: int) -> int:
+    """Coarse autotune key for prefill rows: <=16, <=64, <=256, more (a few tuning runs, not one per size)."""
+    return next((b for b in (16, 64, 256) if m <= b), 1 << 20)
+
+
+class DefaultConfig:
+    """A kernel launched with the first config of its arch's list that the prune keeps for the launch:
+    no benchmarking, so the first call costs a compile and nothing more. The lists are the AOT-checked
+    ones (python -m offload.kernels.aot), ordered with the general choice first."""
+
+    def __init__(self, fn, key, configs, prune):
+        self.fn, self.key, self.configs, self.prune = fn, key, configs, prune
+        self.chosen = {}  # the autotune key's values + arg dtypes -> config
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.fn.arg_names, args))
+            values = {**named, **kwargs}
+            key = tuple(values[k] for k in self.key) + tuple(str(a.dtype) for a in args if hasattr(a, "dtype"))
+            config = self.chosen.get(key)
+            if config is None:
+                config = self.chosen[key] = self.prune(self.configs, named, kwargs)[0]
+            launch_kwargs = config.all_kwargs() if hasattr(config, "all_kwargs") else {  # Triton < 3.0
+                **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            return self.fn[grid](*args, **kwargs, **launch_kwargs)
+        return launch
+
+
 class PerArchAutotuner:
-    """One triton.autotune wrapper of `fn` per arch family, built on first use.
+    """One launcher of `fn` per arch family, built on first use.
 
     configs_for(family) gives the config list; prune(configs, smem_limit, named_args, kwargs)
-    drops those whose estimated shared memory exceeds the device's opt-in limit. Under the
-    interpreter there is a single config (autotune cannot benchmark there).
+    drops those whose estimated shared memory exceeds the device's opt-in limit. By default the
+    launcher takes the first config the prune keeps (DefaultConfig: no benchmark ever runs in a
+    timed region or a chat pause); with OFFLOAD_AUTOTUNE=1 it is triton.autotune over the kept ones,
+    its results cached on disk. Under the interpreter there is a single config.
     """
 
     def __init__(self, fn, key, configs_for, prune, interpret_config):
@@ -110,13 +147,26 @@ class PerArchAutotuner:
             index = device.index if device.index is not None else torch.cuda.current_device()
             family, limit = arch_family(device_arch(index)), smem_limit(index)
             configs = self.configs_for(family)
-        if (family, limit) not in self._tuned:
+        tune = autotune_enabled() and family != "interpret"
+        if (family, limit, tune) not in self._tuned:
             def early_prune(cfgs, named_args, **kwargs):
                 return self.prune(cfgs, limit, named_args, kwargs)
 
-            self._tuned[(family, limit)] = triton.autotune(
-                configs=configs, key=self.key, prune_configs_by={"early_config_prune": early_prune})(self.fn)
-        return self._tuned[(family, limit)]
+            if tune:
+                launcher = _autotune(configs, self.key, early_prune)(self.fn)
+            else:
+                launcher = DefaultConfig(self.fn, self.key, configs, lambda cfgs, named, kw: early_prune(cfgs, named, **kw))
+            self._tuned[(family, limit, tune)] = launcher
+        return self._tuned[(family, limit, tune)]
+
+
+def _autotune(configs, key, early_prune):
+    """triton.autotune with its on-disk cache of results where this Triton has one (cache_results)."""
+    options = dict(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune})
+    try:
+        return triton.autotune(**options, cache_results=True)
+    except TypeError:  # an older Triton: tuned once per process
+        return triton.autotune(**options)
 
 
 def check_launch(x, packed, scales, in_features, out, supported_group, bits=4):

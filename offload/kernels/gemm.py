@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .. import quant
-from ._common import PerArchAutotuner, bucket, check_launch, dot_dtype, prune_by_smem, unpack_nibbles_f32
+from ._common import (PerArchAutotuner, bucket, check_launch, dot_dtype, prefill_bucket, prune_by_smem,
+                      unpack_nibbles_f32)
 
 
 @triton.jit
@@ -124,7 +125,7 @@ def fused_gemm(x, packed, scales, in_features, bias=None, out=None):
         x, packed, scales, bias if bias is not None else out, out,
         m, n, k, n_groups * group,
         x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
-        bucket(m), bucket(n), bucket(k),
+        prefill_bucket(m), bucket(n), bucket(k),
         GROUP=group, DOT_DTYPE=dtype, DOT_PRECISION=precision, HAS_BIAS=bias is not None)
     return out
 
