@@ -200,8 +200,9 @@ def check_engine(device: torch.device, new_tokens: int = 16) -> dict:
                       do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=511)
         with torch.inference_mode():
             expected = _reference(model_dir, device).generate(ids, **kwargs)[0, ids.shape[1]:].tolist()
+        # emulate_copies: on cpu too, the matrices stream through the cache as on a GPU
         with load(model_dir, weights_dir, cache="50%", policy="pin", device=device, dtype=torch.float32,
-                  progress=False) as engine, torch.inference_mode():
+                  progress=False, emulate_copies=True) as engine, torch.inference_mode():
             got = engine.model.generate(ids, **kwargs)[0, ids.shape[1]:].tolist()
             stats = engine.stats
     return {"ok": got == expected, "tokens": got, "reference_tokens": expected, "policy": "pin", "cache": "50%",
@@ -292,8 +293,8 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()  # the tiny model's save/load bars would bury the report
         if args.json:
             check_output_path(args.json, "--json")
-        from .engine import _resolve_device
-        device = _resolve_device(args.device)
+        from .engine import resolve_device
+        device = resolve_device(args.device)
         result = run_check(device, reps=args.reps, log=lambda line: print(line, file=sys.stderr))
         if args.json:
             write_json(Path(args.json), result)

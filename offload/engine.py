@@ -180,11 +180,11 @@ class Engine:
 
     def _finish_load(self, model, small, side_dirs, streamed, fused_of, progress) -> None:
         swap_linears(model, [k for k in streamed if k not in fused_of], self.prefetcher)
-        self._products = swap_fused(model, self.groups, self.prefetcher)
+        self.fused_products = swap_fused(model, self.groups, self.prefetcher)
         swap_int8_linears(model, [n for n, t in small.items() if getattr(t, "quant", None) == "int8"],
                           self.weights.block_size)
         self._load_small(model, small)
-        gather_biases(model, self._products)
+        gather_biases(model, self.fused_products)
         model.eval()
         gen_dir = next((d for d in side_dirs if (d / "generation_config.json").exists()), None)
         if gen_dir is not None:
@@ -203,7 +203,7 @@ class Engine:
         that compiling it never lands in the first reply. -> the number of shapes run."""
         shapes = {}  # (N, K, has bias) -> (entry, bias)
         users = [(m.key, m.bias) for m in self.model.modules() if isinstance(m, OffloadedLinear)]
-        users += [(p.key, p.bias) for p in self._products]
+        users += [(p.key, p.bias) for p in self.fused_products]
         for key, bias in users:
             entry = self.store.entries[key]
             shapes.setdefault((*entry.shape, bias is not None), (entry, bias))

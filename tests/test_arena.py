@@ -22,12 +22,12 @@ def qwen2(tmp_path_factory):
 
 
 def test_engine_with_arena_matches_reference_with_fixed_addresses(qwen2, monkeypatch):
-    monkeypatch.setattr(engine_mod, "Prefetcher", lambda *a: Prefetcher(*a, arena=True))
+    monkeypatch.setattr(engine_mod, "Prefetcher", lambda *a, **k: Prefetcher(*a, **k, arena=True))
     model_dir, weights_dir = qwen2
     ids = prompt_ids("cpu")
     expected = greedy(tiny.reference_model(model_dir), ids)
     with offload.load(model_dir, weights_dir, cache="50%", policy="pin", device="cpu", dtype=torch.float32,
-                      progress=False) as engine:
+                      progress=False, emulate_copies=True) as engine:
         pf = engine.prefetcher
         assert pf.arena is not None and engine.cache.ring > 0
         addresses = {}
@@ -54,7 +54,7 @@ def test_engine_with_arena_matches_reference_with_fixed_addresses(qwen2, monkeyp
                 assert seen <= ring
         assert engine.stats["cache_misses"] > 0  # it streamed
         engine.replan("full", "pin")  # a new plan gets a new arena; the old one is released
-        assert engine.prefetcher.arena is not arena and pf.arena is None
+        assert engine.prefetcher is pf and pf.arena is not None and pf.arena is not arena
         assert torch.equal(greedy(engine.model, ids), expected)
 
 
@@ -86,23 +86,23 @@ def test_arena_fits_a_replan_only_with_the_same_regions():
     cache = DeviceCache(sizes, parse_budget("60%", sizes), "pin")
     a = Arena.for_cache(cache, torch.device("cpu"))
     assert a.fits(cache)
-    cache.replan(list(sizes))  # the same order: the same plan
+    cache.set_order(list(sizes))  # the same order: the same plan
     assert a.fits(cache)
-    cache.replan(list(reversed(sizes)))
+    cache.set_order(list(reversed(sizes)))
     same = {k: sizes[k] for k in cache.pinned} == a.pinned
     assert a.fits(cache) == same
 
 
 def test_a_recorded_order_that_changes_the_regions_rebuilds_the_arena(qwen2, monkeypatch):
-    def prefetcher(cache, *rest):
-        cache.replan(list(reversed(list(cache.sizes))))  # a load-time plan the recorded order will change
-        return Prefetcher(cache, *rest, arena=True)
+    def prefetcher(cache, *rest, **kwargs):
+        cache.set_order(list(reversed(list(cache.sizes))))  # a load-time plan the recorded order will change
+        return Prefetcher(cache, *rest, **kwargs, arena=True)
     monkeypatch.setattr(engine_mod, "Prefetcher", prefetcher)
     model_dir, weights_dir = qwen2
     ids = prompt_ids("cpu")
     expected = greedy(tiny.reference_model(model_dir), ids)
     with offload.load(model_dir, weights_dir, cache="50%", policy="pin", device="cpu", dtype=torch.float32,
-                      progress=False) as engine:
+                      progress=False, emulate_copies=True, fuse=False) as engine:  # unfused: regions that differ
         first = engine.prefetcher.arena
         assert torch.equal(greedy(engine.model, ids), expected)
         assert engine.prefetcher.arena.fits(engine.cache)

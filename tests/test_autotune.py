@@ -80,8 +80,10 @@ def test_warm_up_runs_each_streamed_shape_once_outside_the_cache(tmp_path, monke
                             or real(x, data, bias))
         before = (engine.cache.hits, engine.cache.misses, dict(engine.prefetcher.slots))
         n = engine.warm_up(progress=False)
-        expect = {(engine.store.entries[m.key].shape, m.bias is not None) for m in engine.model.modules()
-                  if isinstance(m, OffloadedLinear)}
+        users = [(m.key, m.bias) for m in engine.model.modules() if isinstance(m, OffloadedLinear)]
+        users += [(p.key, p.bias) for p in engine.fused_products]  # q/k/v and gate/up, one entry each
+        expect = {(engine.store.entries[key].shape, bias is not None) for key, bias in users}
+        assert len({key for key, _ in users}) == len(engine.store.entries)
         assert n == len(expect) == len(calls) and {((1, s[1]), b) for s, b in expect} == {
             (tuple(x), b) for x, b in calls}
         assert (engine.cache.hits, engine.cache.misses, dict(engine.prefetcher.slots)) == before

@@ -7,7 +7,7 @@ import torch
 
 from offload import check
 from offload.kernels import FORCE_TRITON_ENV
-from offload.modules import OffloadedLinear
+from offload.prefetch import Prefetcher
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the cpu run of offload-check")
@@ -30,8 +30,8 @@ def test_offload_check_on_cpu_writes_json(tmp_path, monkeypatch, capsys):
 
 
 def test_engine_check_fails_when_the_engine_is_wrong(monkeypatch):
-    forward = OffloadedLinear.forward
-    monkeypatch.setattr(OffloadedLinear, "forward", lambda self, x: forward(self, x) * 1.5)
+    linear = Prefetcher.linear  # every streamed product, fused ones included
+    monkeypatch.setattr(Prefetcher, "linear", lambda self, key, x, bias: linear(self, key, x, bias) * 1.5)
     result = check.check_engine(torch.device("cpu"), new_tokens=8)
     assert not result["ok"] and result["tokens"] != result["reference_tokens"]
 

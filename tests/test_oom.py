@@ -23,7 +23,8 @@ def suggested(message):
 
 
 def test_out_of_memory_in_the_prefetch_thread_then_replan(llama, monkeypatch):
-    with offload.load(*llama, cache="50%", policy="pin", device="cpu", dtype=torch.float32, progress=False) as engine:
+    with offload.load(*llama, cache="50%", policy="pin", device="cpu", dtype=torch.float32, progress=False,
+                      emulate_copies=True) as engine:
         ids = prompt_ids("cpu")
         expected = greedy(engine.model, ids)  # the order is recorded, the prefetch thread runs
         real = engine.fmt.materialize
