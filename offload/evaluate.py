@@ -65,7 +65,8 @@ def _check_window(max_tokens: int, stride: int, config) -> None:
 @torch.no_grad()
 def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, stride=None, device=None,
              dtype=None, cache="auto", policy="pin", threads=None, progress=True) -> dict:
-    """Score `text` (a str, or a Path to a UTF-8 text file) with the offloaded model and the unquantized one.
+    """Score `text` (a str, or a Path to a UTF-8 text file) with the offloaded model and the unquantized one
+    (model_dir, or a GGUF file whose dequantized weights are then the reference).
 
     max_tokens: window length (at most the model's context); stride: tokens between window starts
     (default max_tokens // 2). device/dtype/threads as in `offload.load` (None: cuda when available,
@@ -81,7 +82,9 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
     if isinstance(text, Path):
         text = text.read_text(encoding="utf-8")
     stride = max_tokens // 2 if stride is None else stride
-    source = SourceModel(model_dir)
+    from .gguf_source import GGUFSource, is_gguf
+    gguf = is_gguf(model_dir)
+    source = GGUFSource(model_dir) if gguf else SourceModel(model_dir)
     _check_window(max_tokens, stride, source.config)
     ids = torch.tensor(_tokenize(model_dir, weights_dir, text))  # [T]
     spans = windows(len(ids), max_tokens, stride)
@@ -97,7 +100,7 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
         hidden = [reference.run_layer(i, layer, h) for h in hidden]
 
     totals = {"nll": 0.0, "reference_nll": 0.0, "kl": 0.0, "agree": 0, "scored": 0}
-    with load(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype, threads=threads,
+    with load(None if gguf else model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype, threads=threads,
               progress=False) as engine:
         manifest = engine.weights.manifest
         for (begin, first), x, h in tqdm(list(zip(spans, inputs, hidden)), desc="offload", unit="window",
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
     from .cli import _run_guarded
     p = argparse.ArgumentParser(prog="offload-eval", description="Perplexity, top-1 agreement and KL divergence "
                                 "of the offloaded model against the unquantized HF model on a text.")
-    p.add_argument("model_dir", help="the unquantized HF model dir (config.json + *.safetensors)")
+    p.add_argument("model_dir", help="the unquantized HF model dir (config.json + *.safetensors), or the GGUF file "
+                   "the weights were converted from (dequantized, it is the reference)")
     p.add_argument("weights_dir", help="weights dir made by offload-quantize from it")
     p.add_argument("--text", required=True, metavar="FILE", help="plain UTF-8 text to score")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
