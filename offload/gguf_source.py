@@ -64,10 +64,13 @@ def gguf_files(path) -> list[Path]:
 
 def _reader(path: Path):
     from gguf import GGUFReader
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise OffloadError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
     try:
         reader = GGUFReader(path)
     except _READ_ERRORS as e:
-        raise OffloadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise OffloadError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from None
     for t in reader.tensors:  # a truncated file maps fewer bytes than its tensor table promises
         if t.data.nbytes != t.n_bytes:
             raise OffloadError(f"{path} is truncated: tensor {t.name} lies past the end of the file")
