@@ -31,7 +31,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_type(name: str, w: np.ndarray, qtype) -> gguf.GGMLQuantizationType:
+def _gguf_type(w: np.ndarray, qtype) -> gguf.GGMLQuantizationType:
     """What llama.cpp stores a tensor as: 1-D tensors (norms, biases) always F32, matrices in `qtype`."""
     return qtype if w.ndim == 2 else F32
 
@@ -78,7 +78,7 @@ def write_gguf(model_dir: Path, path: Path, qtype, split_max_tensors: int = 0) -
             data = _permute(data, c.num_attention_heads)
         elif key.endswith(("k_proj.weight", "k_proj.bias")) and arch == "llama":
             data = _permute(data, c.num_key_value_heads)
-        kind = _gguf_type(key, data, qtype)
+        kind = _gguf_type(data, qtype)
         if kind != F32:
             data = gguf.quants.quantize(data, kind)
         w.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), data, raw_dtype=kind)
