@@ -50,8 +50,10 @@ def _run_guarded(prog: str, fn, args) -> int:
 # ---- offload-quantize ----
 def quantize_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="offload-quantize",
-                                description="Quantize an HF safetensors model dir to offload's int4 weights dir.")
-    p.add_argument("model_dir", help="HF model dir (config.json + *.safetensors)")
+                                description="Quantize an HF safetensors model dir, or a GGUF file, to offload's int4 "
+                                "weights dir.")
+    p.add_argument("model_dir", help="HF model dir (config.json + *.safetensors), or a .gguf file (a dir holding one, "
+                   "the first file of a split model)")
     p.add_argument("weights_dir", help="output dir (written atomically)")
     p.add_argument("--device", default="cpu", help="where to quantize: cpu or cuda (faster)")
     p.add_argument("--block-size", type=int, default=128, help="elements per scale (default 128)")
@@ -81,12 +83,16 @@ def _quantize(args) -> int:
                          shard_bytes=parse_size(args.shard_size), force=args.force, calibration=args.calibration,
                          **chosen)
     print(f"wrote {out}: {WeightsDir(out).describe()}", file=sys.stderr)
+    from .gguf_source import cost_hint, gguf_files, is_gguf
+    if is_gguf(args.model_dir):
+        print(cost_hint(gguf_files(args.model_dir)[0], out), file=sys.stderr)
 
 
 # ---- engine options shared by the commands that run a model (offload-run, offload-serve) ----
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The model/weights positionals and the options that choose how the engine runs."""
-    p.add_argument("model_dir", nargs="?", help="HF model dir (config, tokenizer)")
+    p.add_argument("model_dir", nargs="?", help="HF model dir (config, tokenizer), or a .gguf file (converted once "
+                   "into the user cache dir when no weights_dir is given)")
     p.add_argument("weights_dir", nargs="?", help="weights dir made by offload-quantize (default: model_dir)")
     p.add_argument("--demo", action="store_true", help="the built-in SmolLM2-135M-Instruct demo model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -137,6 +143,9 @@ def open_engine(args):
         model_dir, weights_dir = prepare()
     else:
         model_dir, weights_dir = args.model_dir, args.weights_dir or args.model_dir
+        from .gguf_source import converted, is_gguf
+        if is_gguf(model_dir):  # config and tokenizer are in the weights dir made from it
+            model_dir, weights_dir = None, args.weights_dir or converted(args.model_dir)
     return load(model_dir, weights_dir, cache=args.cache, policy=args.policy, device=args.device, dtype=args.dtype,
                 cache_format=args.cache_format, threads=args.threads, ctx_size=args.ctx_size,
                 verify=not getattr(args, "no_verify", False), emulate_copies=args.emulate_copies)
@@ -210,8 +219,9 @@ def _check_run_inputs(args) -> None:
     if args.stats_json:
         check_output_path(args.stats_json, "--stats-json")
     if not args.demo:
-        dirs = [Path(d) for d in (args.model_dir, args.weights_dir) if d]
-        if not any((d / "tokenizer_config.json").exists() for d in dirs):
+        from .gguf_source import is_gguf
+        dirs = [Path(d) for d in (args.model_dir, args.weights_dir) if d and not is_gguf(d)]
+        if dirs and not any((d / "tokenizer_config.json").exists() for d in dirs):
             raise OffloadError(f"no tokenizer in {' or '.join(map(str, dirs))}: offload-run needs one to read prompts")
 
 
@@ -472,7 +482,8 @@ def eval_main(argv=None) -> int:
     from .evaluate import DEFAULT_MAX_TOKENS
     p = argparse.ArgumentParser(prog="offload-eval", description="Perplexity, top-1 agreement and KL divergence "
                                 "of the offloaded model against the unquantized HF model on a text.")
-    p.add_argument("model_dir", help="the unquantized HF model dir (config.json + *.safetensors)")
+    p.add_argument("model_dir", help="the unquantized HF model dir (config.json + *.safetensors), or the GGUF file "
+                   "the weights were converted from (dequantized, it is the reference)")
     p.add_argument("weights_dir", help="weights dir made by offload-quantize from it")
     p.add_argument("--text", required=True, metavar="FILE", help="plain UTF-8 text to score")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,

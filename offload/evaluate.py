@@ -63,7 +63,8 @@ def _check_window(max_tokens: int, stride: int, config) -> None:
 @torch.no_grad()
 def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, stride=None, device=None,
              dtype=None, cache="auto", policy="pin", threads=None, progress=True) -> dict:
-    """Score `text` (a str, or a Path to a UTF-8 text file) with the offloaded model and the unquantized one.
+    """Score `text` (a str, or a Path to a UTF-8 text file) with the offloaded model and the unquantized one
+    (model_dir, or a GGUF file whose dequantized weights are then the reference).
 
     max_tokens: window length (at most the model's context); stride: tokens between window starts
     (default max_tokens // 2). device/dtype/threads as in `offload.load` (None: cuda when available,
@@ -79,7 +80,9 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
     if isinstance(text, Path):
         text = text.read_text(encoding="utf-8")
     stride = max_tokens // 2 if stride is None else stride
-    source = SourceModel(model_dir)
+    from .gguf_source import GGUFSource, is_gguf
+    gguf = is_gguf(model_dir)
+    source = GGUFSource(model_dir) if gguf else SourceModel(model_dir)
     _check_window(max_tokens, stride, source.config)
     ids = torch.tensor(_tokenize(model_dir, weights_dir, text))  # [T]
     spans = windows(len(ids), max_tokens, stride)
@@ -95,7 +98,7 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
         hidden = [reference.run_layer(i, layer, h) for h in hidden]
 
     totals = {"nll": 0.0, "reference_nll": 0.0, "kl": 0.0, "agree": 0, "scored": 0}
-    with load(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype, threads=threads,
+    with load(None if gguf else model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype, threads=threads,
               progress=False) as engine:
         manifest = engine.weights.manifest
         for (begin, first), x, h in tqdm(list(zip(spans, inputs, hidden)), desc="offload", unit="window",

@@ -4,6 +4,7 @@ shards listed once, fingerprinted, read one tensor at a time). Never reads pickl
 import hashlib
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from .errors import OffloadError
+
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+              "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def regular_file(path: Path, what: str) -> Path:
@@ -90,11 +95,28 @@ class SourceModel:
         if not (self.path / "config.json").exists():
             raise OffloadError(f"{self.path} is not a model dir (no config.json)")
         check_no_custom_code(self.path)
+        regular_file(self.path / "config.json", "config")
         self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
         self.files = {}
         for f in source_files(self.path):
             with safe_open(f, framework="pt") as sf:
                 self.files.update({k: f for k in sf.keys()})
+
+    def keys(self):
+        return self.files.keys()
+
+    def label(self, key: str) -> str:
+        """Where `key` is read from (for messages)."""
+        return self.files[key].name
+
+    def fingerprint(self) -> str:
+        return source_fingerprint(self.path, list(dict.fromkeys(self.files.values())))
+
+    def save_side_files(self, out: Path) -> None:
+        """Copy the config, generation config and tokenizer files into the weights dir `out`."""
+        for f in SIDE_FILES:
+            if (self.path / f).exists():
+                shutil.copy2(self.path / f, out / f)
 
     def tensor(self, key: str, fallback: str | None = None) -> torch.Tensor:
         """The stored tensor `key`; `fallback` (a tied embedding) when the dir has no `key`."""

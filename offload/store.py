@@ -22,22 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from . import methods, quant
 from .errors import OffloadError
+from .gguf_source import GGUFSource, is_gguf
 from .modules import empty_model, linear_modules
-from .source import check_no_custom_code, contained, regular_file, source_files, source_fingerprint
+from .source import SourceModel, contained, regular_file
 from .units import fmt_bytes
 
 MANIFEST = "offload.json"
 FORMAT_VERSION = 1
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
-              "added_tokens.json", "chat_template.jinja", "chat_template.json")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Defaults chosen by measurement (benchmarks/README.md, "Quantization methods"): mse decoder linears and
 # an int8 output projection come within a point of GPTQ's perplexity at a fraction of its cost, with
@@ -53,7 +48,14 @@ MIN_BLOCK_SIZE = 64  # the smallest scale block the fused kernels take (offload/
 SHARD_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
                 "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                 "BOOL": torch.bool}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SHARD_DTYPES.items()}
 READ_CHUNK = 16 << 20  # bytes per read while hashing a shard
+QUANT_CHUNK = 32 << 20  # float32 bytes of a weight quantized at once (the methods' temporaries are a few times this)
+
+
+def stored_dtype(dtype: torch.dtype) -> torch.dtype:
+    """How an unquantized tensor (embedding, norm, bias) is stored: float16 when the source is float16, else bf16."""
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
 def tensor_role(name: str, module) -> str:
@@ -86,14 +88,30 @@ class _ShardWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the pending tensors as one safetensors shard, streamed from the tensors themselves (no
+        second copy of the shard in memory), hashing the bytes as they are written."""
         if not self.pending:
             return
         self.count += 1
         name = f"model-{self.count:05d}.safetensors"
-        data = save(self.pending, metadata={"format": "offload-int4"})  # the bytes hashed are the bytes written
-        (self.out / name).write_bytes(data)
-        self.shards[name], self.sha256[name] = len(data), hashlib.sha256(data).hexdigest()
-        del data
+        # widest elements first, as safetensors orders them, so every tensor's data stays aligned
+        items = sorted(self.pending.items(), key=lambda kv: -kv[1].element_size())
+        header, offset = {"__metadata__": {"format": "offload-int4"}}, 0
+        for key, t in items:
+            n = t.numel() * t.element_size()
+            header[key] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        h, size = hashlib.sha256(), 0
+        with open(self.out / name, "wb") as f:
+            chunks = [len(head).to_bytes(8, "little"), head]
+            chunks += [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for _, t in items]
+            for chunk in chunks:
+                f.write(chunk)
+                h.update(chunk)
+                size += len(chunk)
+        self.shards[name], self.sha256[name] = size, h.hexdigest()
         for record in self.pending_names:
             record["shard"] = name
         self.pending, self.pending_names, self.size = {}, [], 0
@@ -102,7 +120,9 @@ class _ShardWriter:
 def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, device="cpu",
                    shard_bytes=1 << 30, force=False, progress=True, method=DEFAULT_METHOD,
                    calibration=None, lm_head=DEFAULT_LM_HEAD) -> Path:
-    """Quantize an HF safetensors model dir into a weights dir, one tensor at a time.
+    """Quantize an HF safetensors model dir, or a GGUF file (a dir holding one, a split set), into a
+    weights dir, one tensor at a time. A GGUF's tensors are dequantized one by one (offload.gguf_source)
+    and its config and tokenizer files are built from its metadata.
 
     method: "absmax" | "mse" | "gptq" (see offload.methods); every method writes the same int4 layout.
     calibration: a plain text file, required by gptq (its activations drive the error compensation).
@@ -114,16 +134,18 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     that is not a weights dir (nothing it did not write is ever deleted).
     """
     model_dir, out = Path(model_dir), Path(weights_dir)
-    if not (model_dir / "config.json").exists():
-        raise OffloadError(f"{model_dir} is not a model dir (no config.json)")
+    gguf = is_gguf(model_dir)
+    if not gguf and not (model_dir / "config.json").exists():
+        raise OffloadError(f"{model_dir} is not a model dir (no config.json) nor a GGUF file")
     _check_output(model_dir, out, force)
     if not isinstance(block_size, int) or block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
         raise OffloadError(f"block size must be a power of two, at least {MIN_BLOCK_SIZE} (the kernels' "
                            f"smallest scale block), got {block_size}")
     options = _method_options(method, calibration, lm_head)
-    check_no_custom_code(model_dir)
-    regular_file(model_dir / "config.json", "config")
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    if gguf and method == "gptq":
+        raise OffloadError("method gptq reads an HF safetensors model dir, not a GGUF file: use mse or absmax")
+    source = GGUFSource(model_dir) if gguf else SourceModel(model_dir)
+    config = source.config
     skeleton = empty_model(config)
     linears = linear_modules(skeleton)
     head_module = skeleton.get_output_embeddings()
@@ -138,11 +160,9 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     options["head_key"] = next((f"{n}.weight" for n, m in linears.items() if m is head), None)
 
     with atomic_dir(out) as tmp:
-        manifest = _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules,
+        manifest = _quantize_tensors(source, tmp, config, wanted, linear_keys, modules,
                                      block_size, device, shard_bytes, progress, options)
-        for f in SIDE_FILES:
-            if (model_dir / f).exists():
-                shutil.copy2(model_dir / f, tmp / f)
+        source.save_side_files(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
 
@@ -244,6 +264,15 @@ def _method_options(method, calibration, lm_head) -> dict:
     return options
 
 
+def _by_rows(quantize, w: torch.Tensor, device):
+    """quantize(rows) -> (qweight, scales) applied to row chunks of w [N, K] and concatenated: every method
+    here scales each row's blocks on their own, so the result is the same and the float32 temporaries stay
+    at QUANT_CHUNK bytes whatever the matrix."""
+    step = max(1, QUANT_CHUNK // (4 * w.shape[1]))
+    parts = [tuple(t.cpu() for t in quantize(rows.to(device))) for rows in w.split(step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def _linear_record(key, src, options, block_size, device):
     """Quantize one linear weight the way `options` says -> (manifest record, tensors to store)."""
     stem = key.removesuffix(".weight")
@@ -253,20 +282,16 @@ def _linear_record(key, src, options, block_size, device):
         record.update(dtype="bfloat16", keys=[key])
         return record, {key: src.to(torch.bfloat16)}
     if precision == "int8":
-        qweight, scales = quant.quantize_int8(src.to(device), block_size)
+        qweight, scales = _by_rows(lambda w: quant.quantize_int8(w, block_size), src, device)
     else:
-        qweight, scales = methods.quantize_weight(src.to(device), options["method"], block_size)
+        qweight, scales = _by_rows(lambda w: methods.quantize_weight(w, options["method"], block_size), src, device)
     record["keys"] = [f"{stem}.qweight", f"{stem}.scales"]
-    return record, {f"{stem}.qweight": qweight.cpu(), f"{stem}.scales": scales.cpu()}
+    return record, {f"{stem}.qweight": qweight, f"{stem}.scales": scales}
 
 
-def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, block_size, device,
+def _quantize_tensors(source, tmp, config, wanted, linear_keys, modules, block_size, device,
                       shard_bytes, progress, options) -> dict:
-    files = source_files(model_dir)
-    names = {}
-    for f in files:
-        with safe_open(f, framework="pt") as sf:
-            names.update({k: f for k in sf.keys()})
+    model_dir, names = source.path, source.keys()
     # Tied output embedding: lm_head has no tensor of its own; quantize a copy of the input embedding.
     tied = [k for k in linear_keys if k not in names]
     embed_key = None
@@ -282,12 +307,12 @@ def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, bloc
     deferred = set()
     if options["method"] == "gptq":
         deferred = {k for k in linear_keys if not (k == options["head_key"] and options["lm_head"] != "int4")}
-    jobs = [(k, names[k]) for k in names if k in wanted] + [(k, names[embed_key]) for k in tied]
-    for key, f in tqdm(jobs, desc="quantizing", unit="tensor", disable=not progress):
-        with safe_open(f, framework="pt") as sf:
-            src = sf.get_tensor(embed_key if key in tied else key)
+    jobs = [k for k in names if k in wanted] + tied
+    for key in tqdm(jobs, desc="quantizing", unit="tensor", disable=not progress):
+        src = source.tensor(key, embed_key)
+        where = source.label(embed_key if key in tied else key)
         if tuple(src.shape) != wanted[key]:
-            raise OffloadError(f"{key}: shape {tuple(src.shape)} in {f.name} but the config wants {wanted[key]}")
+            raise OffloadError(f"{key}: shape {tuple(src.shape)} in {where} but the config wants {wanted[key]}")
         if src.dtype not in FLOAT_DTYPES:
             raise OffloadError(f"{key}: unsupported dtype {src.dtype} (bf16, fp16 or fp32 expected)")
         if key in deferred:
@@ -298,9 +323,10 @@ def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, bloc
             writer.add(record, stored)
         else:
             module = modules.get(key.rpartition(".")[0])
-            record = {"role": tensor_role(key, module), "shape": list(src.shape), "dtype": str(src.dtype).removeprefix("torch."),
-                      "keys": [key]}
-            writer.add(record, {key: src})
+            dtype = stored_dtype(src.dtype)
+            record = {"role": tensor_role(key, module), "shape": list(src.shape),
+                      "dtype": str(dtype).removeprefix("torch."), "keys": [key]}
+            writer.add(record, {key: src.to(dtype)})
         tensors[key] = record
         del src
     if deferred:
@@ -320,7 +346,7 @@ def _quantize_tensors(model_dir, tmp, config, wanted, linear_keys, modules, bloc
             "method": options["method"], "lm_head": options["lm_head"],
             "method_options": {k: v for k, v in options.items() if k not in ("method", "lm_head", "head_key",
                                                                                "calibration_text")},
-            "source_model": model_dir.resolve().name, "source_sha256": source_fingerprint(model_dir, files),
+            "source_model": model_dir.resolve().name, "source_sha256": source.fingerprint(),
             "model_type": config.model_type, "architectures": getattr(config, "architectures", None),
             "quantize_seconds": round(time.time() - t0, 2), "shards": writer.shards,
             "shard_sha256": writer.sha256, "tensors": tensors}

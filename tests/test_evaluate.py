@@ -55,10 +55,11 @@ def test_perplexity_equals_a_direct_computation_with_the_hf_model(llama):
 
 
 def int4_exact(w: torch.Tensor) -> torch.Tensor:
-    """A weight of w's shape that absmax int4 stores without loss: q * s with a 7 in every block."""
+    """A weight of w's shape that absmax int4 stores without loss: q * s with a 7 in every block. Power-of-two
+    scales keep every q * s exact in bf16 too, as the unquantized input embedding is stored."""
     n, k = w.shape
     kp = quant.padded_k(k)
-    s = (torch.rand(n, kp // 128) * 0.05 + 0.01).to(torch.bfloat16).float()
+    s = 2.0 ** torch.randint(-7, -3, (n, kp // 128)).float()
     q = torch.randint(-7, 8, (n, kp // 128, 128)).float()
     q[..., 0] = 7
     return (q * s[..., None]).view(n, kp)[:, :k].contiguous()

@@ -24,13 +24,33 @@ def test_quantized_tensors_equal_the_reference_functions(llama):
         if info["role"] == "linear":
             packed, scales = quant.quantize(original)
             assert torch.equal(stored[0], packed) and torch.equal(stored[1], scales)
-        else:
-            assert torch.equal(stored[0], original)
+        else:  # unquantized tensors are stored in bf16 (the source is float32 here)
+            assert stored[0].dtype == torch.bfloat16 and info["dtype"] == "bfloat16"
+            assert torch.equal(stored[0], original.to(torch.bfloat16))
     roles = {info["role"] for info in m["tensors"].values()}
     assert roles == {"linear", "embedding", "norm"}
     assert "lm_head.weight" in w.linears and "lm_head.weight" not in source
     for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (weights_dir / f).exists()
+
+
+def test_unquantized_tensors_keep_float16_and_the_dir_stays_small(llama, tmp_path):
+    """A float16 source keeps float16 embeddings and norms; any source's dir is about its int4 bytes plus
+    the unquantized tensors at 2 bytes an element."""
+    model_dir, weights_dir = llama
+    from transformers import AutoModelForCausalLM
+    half = tmp_path / "half"
+    AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16).save_pretrained(half)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (half / f).write_bytes((model_dir / f).read_bytes())
+    out = store.quantize_model(half, tmp_path / "w", progress=False, method="absmax", lm_head="int4")
+    for d, dtype in ((out, torch.float16), (weights_dir, torch.bfloat16)):
+        w = store.WeightsDir(d)
+        small = [t for n, info in w.tensors.items() if info.role != "linear" for t in w.read(n)]
+        assert small and all(t.dtype == dtype for t in small)
+        int4 = sum(sum(quant.quantized_nbytes(t.shape)) for t in w.linears.values())
+        shards = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+        assert shards <= 1.1 * int4 + sum(t.numel() * 2 for t in small)
 
 
 def test_sharded_sources_and_outputs(llama, tmp_path):
