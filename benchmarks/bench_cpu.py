@@ -1,5 +1,6 @@
 """CPU decode speed, side by side in one run: the plain HF model (float32 and bfloat16) against the
-offloaded engine on its fast int4 path (bfloat16) at full and quarter cache, and on the exact float32
+offloaded engine on its fast int4 path (bfloat16: the default, then one change at a time: unfused
+projections, copies into a full and a quarter cache as a GPU would make them) and on the exact float32
 reference path. Greedy decoding of the demo model (SmolLM2-135M-Instruct) unless --model is given.
 
     python benchmarks/bench_cpu.py [--model DIR --weights DIR] [--new-tokens 64] [--reps 3] [--threads N]
@@ -83,13 +84,17 @@ def main(argv=None) -> int:
         plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         add(f"plain HF {str(dtype)[6:]}", median_speed(plain, ids, args.new_tokens, args.reps))
         del plain
-    for dtype, cache in ((torch.bfloat16, "full"), (torch.bfloat16, "25%"), (torch.float32, "full")):
-        with offload.load(model_dir, weights_dir, cache=cache, device="cpu", dtype=dtype, progress=False) as e:
+    configs = [  # (label, load options): one change at a time against the default first row
+        ("offload bfloat16 (default: zero-copy, fused)", dict(dtype=torch.bfloat16)),
+        ("offload bfloat16, unfused q/k/v, gate/up", dict(dtype=torch.bfloat16, fuse=False)),
+        ("offload bfloat16, cache full, emulated copies", dict(dtype=torch.bfloat16, cache="full", emulate_copies=True)),
+        ("offload bfloat16, cache 25%, emulated copies", dict(dtype=torch.bfloat16, cache="25%", emulate_copies=True)),
+        ("offload float32 (exact reference)", dict(dtype=torch.float32)),
+    ]
+    for label, options in configs:
+        with offload.load(model_dir, weights_dir, device="cpu", progress=False, threads=threads, **options) as e:
             speed = median_speed(e.model, ids, args.new_tokens, args.reps)
-            s = e.stats
-            path = "int4 kernel" if dtype == torch.bfloat16 else "reference dequant"
-            add(f"offload {str(dtype)[6:]} cache {cache} ({path})", speed,
-                f"{s['h2d_bytes_per_token'] / 1e6:.1f} MB copied/token")
+            add(label, speed, f"{e.stats['h2d_bytes_per_token'] / 2**20:.1f} MiB copied/token")
 
     out = Path(args.out or Path(__file__).parent / "results" / f"cpu-{name}-decode.csv")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -177,15 +177,24 @@ def _tiny_model(root: Path) -> tuple[Path, Path]:
 
 
 def _reference(model_dir: Path, device: torch.device):
-    """The plain HF model with each linear weight replaced by dequantize(quantize(w)), fp32."""
+    """The plain HF model, fp32, with each linear weight replaced by dequantize(quantize(w)) and every other
+    tensor (embeddings, norms, biases) rounded as the weights dir stores it."""
     from transformers import AutoModelForCausalLM
 
     from . import quant
+    from .store import stored_dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if model.config.tie_word_embeddings:  # the engine quantizes lm_head from the source's embedding
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    quantized = set()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             w = module.weight.data
             module.weight.data = quant.dequantize(*quant.quantize(w), w.shape)
+            quantized.add(id(module.weight))
+    for p in model.parameters():
+        if id(p) not in quantized:
+            p.data = p.data.to(stored_dtype(p.dtype)).float()
     return model.to(device).eval()
 
 

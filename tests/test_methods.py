@@ -102,8 +102,14 @@ def test_quantize_model_records_the_method_and_gptq_runs_layer_by_layer(llama, t
     from transformers import AutoModelForCausalLM
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())  # untied: lm_head is its own int4
+    linear_weights = set()
     for name, info in w.linears.items():
-        ref.get_submodule(name.removesuffix(".weight")).weight.data = quant.dequantize(*w.read(name), info.shape)
+        linear = ref.get_submodule(name.removesuffix(".weight"))
+        linear.weight.data = quant.dequantize(*w.read(name), info.shape)
+        linear_weights.add(id(linear.weight))
+    for p in ref.parameters():  # embeddings and norms as the weights dir stores them
+        if id(p) not in linear_weights:
+            p.data = p.data.to(torch.bfloat16).float()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with offload.load(model_dir, out, cache="full", device="cpu", dtype=torch.float32,
                       progress=False) as engine:
