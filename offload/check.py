@@ -176,7 +176,7 @@ def _tiny_model(root: Path) -> tuple[Path, Path]:
     return root / "model", root / "weights"
 
 
-def _reference(model_dir: Path, device: torch.device):
+def reference_model(model_dir: Path, device="cpu"):
     """The plain HF model, fp32, with each linear weight replaced by dequantize(quantize(w)) and every other
     tensor (embeddings, norms, biases) rounded as the weights dir stores it."""
     from transformers import AutoModelForCausalLM
@@ -208,7 +208,7 @@ def check_engine(device: torch.device, new_tokens: int = 16) -> dict:
         kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                       do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=511)
         with torch.inference_mode():
-            expected = _reference(model_dir, device).generate(ids, **kwargs)[0, ids.shape[1]:].tolist()
+            expected = reference_model(model_dir, device).generate(ids, **kwargs)[0, ids.shape[1]:].tolist()
         # emulate_copies: on cpu too, the matrices stream through the cache as on a GPU
         with load(model_dir, weights_dir, cache="50%", policy="pin", device=device, dtype=torch.float32,
                   progress=False, emulate_copies=True) as engine, torch.inference_mode():

@@ -6,7 +6,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from offload.quant import dequantize, quantize
+from offload import check
 from offload.store import quantize_model
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -54,20 +54,8 @@ def make(kind: str, root: Path) -> tuple[Path, Path]:
 
 def reference_model(model_dir: Path, device="cpu"):
     """The same HF model with every linear weight replaced by dequantize(quantize(w)) and every other tensor
-    (embeddings, norms, biases) rounded to bf16, as the weights dir stores them: what the engine must match."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if model.config.tie_word_embeddings:  # the engine quantizes lm_head from the source's embedding
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    quantized = set()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            w = module.weight.data
-            module.weight.data = dequantize(*quantize(w), w.shape)
-            quantized.add(id(module.weight))
-    for p in model.parameters():
-        if id(p) not in quantized:
-            p.data = p.data.to(torch.bfloat16).float()
-    return model.to(device).eval()
+    (embeddings, norms, biases) rounded as the weights dir stores them: what the engine must match."""
+    return check.reference_model(model_dir, device)
 
 
 def manifest(weights_dir: Path) -> dict:
