@@ -9,8 +9,13 @@ slots, so each token moves exactly `model_bytes - resident_bytes`, the minimum.
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
+
+from . import quant
 from .errors import OffloadError
 from .units import fmt_bytes, parse_size
+
+SCRATCH_RESERVE = 512 << 20  # what the auto budget leaves for allocator slack and small temporaries
 
 POLICIES = ("pin", "lru")
 RING_SLOTS = 4  # streaming slots under `pin`: enough lookahead to keep the copy engine busy
@@ -196,3 +201,46 @@ class DeviceCache:
             f", ring {self.ring} x {fmt_bytes(self.slot_cost) if self.budget.unit == 'bytes' else '1 entry'}")
         return (f"cache {self.budget}, policy pin: resident {fmt_bytes(self.pinned_bytes)} "
                 f"({len(self.pinned)}/{len(self.sizes)} matrices){ring}")
+
+
+# ---- the auto budget on cuda: free device memory minus what the rest of the model needs ----
+def device_nbytes(t, dtype: torch.dtype, block_size: int) -> int:
+    """Device bytes of an unstreamed tensor once loaded: floats in `dtype`, an int8 linear as its
+    int8 bytes + scales."""
+    if t.quant == "int8":
+        rows, kp = t.shape[0], quant.padded_k(t.shape[1], block_size)
+        return rows * kp + rows * (kp // block_size) * dtype.itemsize
+    return torch.Size(t.shape).numel() * dtype.itemsize
+
+
+def activation_bytes(config, tokens: int, dtype) -> int:
+    """Device bytes a prefill of `tokens` (batch 1) holds at once, the rule the auto budget reserves for
+    the longest prompt it accepts (ctx_size): per token, the MLP's gate, up and their product
+    (3 x intermediate) and four hidden-size tensors (residual, normed input, attention output, layer
+    output), in the compute dtype; plus the last position's logits in float32, twice (logits, softmax)."""
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    return tokens * (3 * inter + 4 * hidden) * dtype.itemsize + 2 * 4 * config.vocab_size
+
+
+def kv_bytes_per_token(config, dtype) -> int:
+    """KV-cache bytes per token of context (batch 1)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def auto_reserve(config, dtype, ctx_size: int, unstreamed_bytes: int, entry_shapes) -> int:
+    """Device bytes the auto budget keeps out of the cache: the unstreamed parameters, the KV cache and the
+    prefill activations of `ctx_size` tokens, two dense copies of the largest matrix (the bf16 fallback
+    path's transient) and SCRATCH_RESERVE."""
+    return (unstreamed_bytes + ctx_size * kv_bytes_per_token(config, dtype) + activation_bytes(config, ctx_size, dtype)
+            + 2 * max(n * k * 2 for n, k in entry_shapes) + SCRATCH_RESERVE)
+
+
+def auto_budget(free: int, reserve: int, sizes: dict[str, int]) -> int:
+    """The cache bytes left of `free` device memory after `reserve`; at least the largest entry, or an error."""
+    if free - reserve < max(sizes.values()):
+        raise OffloadError(f"not enough device memory for the auto cache: {fmt_bytes(free)} free, "
+                           f"{fmt_bytes(reserve)} reserved for parameters, KV cache and scratch")
+    return free - reserve

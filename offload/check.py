@@ -104,12 +104,12 @@ def copy_rates(device: torch.device, nbytes: int = COPY_BYTES) -> dict:
     if device.type != "cuda":
         return rates
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
-    rates["pinned_h2d_gbps"] = nbytes / timed(lambda: dev.copy_(pinned, non_blocking=True), device) / 1e9
+    locked = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+    rates["page_locked_h2d_gbps"] = nbytes / timed(lambda: dev.copy_(locked, non_blocking=True), device) / 1e9
     rates["pageable_h2d_gbps"] = nbytes / timed(lambda: dev.copy_(host), device, 5) / 1e9
     dev2 = torch.empty_like(dev)
     rates["device_copy_gbps"] = 2 * nbytes / timed(lambda: dev2.copy_(dev), device) / 1e9
-    del pinned
+    del locked
     return rates
 
 
@@ -216,7 +216,7 @@ def check_engine(device: torch.device, new_tokens: int = 16) -> dict:
             stats = engine.stats
     return {"ok": got == expected, "tokens": got, "reference_tokens": expected, "policy": "pin", "cache": "50%",
             "dtype": "float32", "streamed_bytes_per_token": stats["streamed_bytes_per_token"],
-            "h2d_bytes_per_token": stats["h2d_bytes_per_token"], "host_pinned": stats["host_pinned"],
+            "h2d_bytes_per_token": stats["h2d_bytes_per_token"], "host_page_locked": stats["host_page_locked"],
             "host_copy": stats.get("host_copy")}
 
 

@@ -472,8 +472,8 @@ def _limits_line(s: dict, rates: dict | None) -> str:
              f"device copy rate ({rates['device_copy_gbps']:.0f} GB/s)")
     if s["h2d_bytes_per_token"]:
         copy = s["h2d_bytes_per_token"] * tps / 1e9
-        line += (f", streamed at {copy:.1f} GB/s = {100 * copy / rates['pinned_h2d_gbps']:.0f}% of the page-locked "
-                 f"host->device rate ({rates['pinned_h2d_gbps']:.1f} GB/s)")
+        line += (f", streamed at {copy:.1f} GB/s = {100 * copy / rates['page_locked_h2d_gbps']:.0f}% of the page-locked "
+                 f"host->device rate ({rates['page_locked_h2d_gbps']:.1f} GB/s)")
     return line
 
 

@@ -50,7 +50,7 @@ class CudaRuntime:
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
-    def pinned_empty(self, nbytes: int) -> torch.Tensor:
+    def page_locked_empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def record_event(self):

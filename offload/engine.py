@@ -1,4 +1,4 @@
-"""Build the HF model on the meta device, swap its linears for cache-backed ones, load the small
+"""Build the HF model on the meta device, swap its linears for cache-backed ones, load the unstreamed
 parameters, and wire store -> cache -> prefetcher -> modules. `load()` is the public entry point."""
 import atexit
 import contextlib
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from .attention import choose_attention
-from .cache import POLICIES, DeviceCache, parse_budget
+from .cache import POLICIES, DeviceCache, auto_budget, auto_reserve, device_nbytes, parse_budget
 from .cudart import CudaRuntime
 from .errors import OffloadError
 from .formats import make_format
@@ -26,15 +26,13 @@ from .host import HostStore, check_ram, entry_shapes, layout
 from .modules import (Int8Linear, OffloadedLinear, empty_model, linear_modules, swap_host_embedding, swap_int8_linears,
                       swap_linears)
 from .prefetch import Prefetcher
-from .quant import padded_k
 from .source import check_no_custom_code, regular_file
-from .store import TensorInfo, WeightsDir
+from .store import WeightsDir
 from .stream import TextStream
 from .timing import PassTimer
 from .units import fmt_bytes, parse_size
 
 KV_RESERVE_TOKENS = 4096  # default context the "auto" budget keeps room for (batch 1)
-SCRATCH_RESERVE = 512 << 20  # activations, allocator slack
 
 
 def resolve_device(device) -> torch.device:
@@ -85,31 +83,6 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     return dtype
 
 
-def _device_nbytes(t: TensorInfo, dtype: torch.dtype, block_size: int) -> int:
-    """Device bytes of an unstreamed tensor once loaded: floats in `dtype`, an int8 linear as its
-    int8 bytes + scales."""
-    if t.quant == "int8":
-        rows, kp = t.shape[0], padded_k(t.shape[1], block_size)
-        return rows * kp + rows * (kp // block_size) * dtype.itemsize
-    return torch.Size(t.shape).numel() * dtype.itemsize
-
-
-def _activation_bytes(config, tokens: int, dtype) -> int:
-    """Device bytes a prefill of `tokens` (batch 1) holds at once, the rule the auto budget reserves for
-    the longest prompt it accepts (ctx_size): per token, the MLP's gate, up and their product
-    (3 x intermediate) and four hidden-size tensors (residual, normed input, attention output, layer
-    output), in the compute dtype; plus the last position's logits in float32, twice (logits, softmax)."""
-    hidden = config.hidden_size
-    inter = getattr(config, "intermediate_size", None) or 4 * hidden
-    return tokens * (3 * inter + 4 * hidden) * dtype.itemsize + 2 * 4 * config.vocab_size
-
-
-def _kv_bytes_per_token(config, dtype) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
-
-
 class Engine:
     """An offloaded HF causal LM. Use `offload.load(...)` to make one; close it (or use `with`).
 
@@ -144,12 +117,12 @@ class Engine:
         self.weights.check_config(model)
         # everything the cache does not stream: embeddings, norms, biases, an int8 or bf16 lm_head
         streamed = self.weights.linears
-        small = {n: t for n, t in self.weights.tensors.items() if n not in streamed}
-        check_ram(sum(torch.Size(t.shape).numel() for t in small.values()) * 4, "the unquantized tensors")
+        unstreamed = {n: t for n, t in self.weights.tensors.items() if n not in streamed}
+        check_ram(sum(torch.Size(t.shape).numel() for t in unstreamed.values()) * 4, "the unquantized tensors")
         # The input embedding stays in host RAM (a row gather per step is cheap), the rest goes to the device.
         self._host_embedding = swap_host_embedding(model, self.device)
-        small_device_bytes = sum(_device_nbytes(t, self.dtype, self.weights.block_size)
-                                 for n, t in small.items() if n != self._host_embedding)
+        unstreamed_bytes = sum(device_nbytes(t, self.dtype, self.weights.block_size)
+                               for n, t in unstreamed.items() if n != self._host_embedding)
 
         side_dirs = [d for d in (config_dir, self.weights.path) if d is not None]
         self.tokenizer = self._load_tokenizer(side_dirs)
@@ -161,36 +134,36 @@ class Engine:
         order = list(dict.fromkeys(fused_of.get(f"{name}.weight", f"{name}.weight") for name in linear_modules(model)
                                    if f"{name}.weight" in streamed))
         self._check_plan(order, cache, policy)
-        self.store = HostStore.from_weights(self.weights, order, pin=False, progress=progress,
+        self.store = HostStore.from_weights(self.weights, order, page_lock=False, progress=progress,
                                             repack=self.fmt if hasattr(self.fmt, "write_host") else None,
                                             groups=self.groups)
-        self.cache = self._plan(cache, policy, small_device_bytes)
+        self.cache = self._plan(cache, policy, unstreamed_bytes)
         # cpu: the host buffer is what the compute reads; copying into a "device" slot only emulates a GPU
         self.zero_copy = self.device.type == "cpu" and self.fmt.views_host and not emulate_copies
         self.prefetcher = Prefetcher(self.cache, self.store, self.fmt, self.device, zero_copy=self.zero_copy)
         if self.device.type == "cuda":  # after the plan: a plan that fails leaves nothing registered
-            self.store.pin(CudaRuntime(self.device))
+            self.store.page_lock(CudaRuntime(self.device))
         self._closed = False
         atexit.register(self.close)  # stop the thread and unpin host memory before the interpreter goes
         try:
-            self._finish_load(model, small, side_dirs, streamed, fused_of, progress)
+            self._finish_load(model, unstreamed, side_dirs, streamed, fused_of, progress)
         except BaseException:
             self.close()  # a failed load leaves no thread and no page-locked memory behind
             raise
 
-    def _finish_load(self, model, small, side_dirs, streamed, fused_of, progress) -> None:
+    def _finish_load(self, model, unstreamed, side_dirs, streamed, fused_of, progress) -> None:
         swap_linears(model, [k for k in streamed if k not in fused_of], self.prefetcher)
         self.fused_products = swap_fused(model, self.groups, self.prefetcher)
-        swap_int8_linears(model, [n for n, t in small.items() if getattr(t, "quant", None) == "int8"],
+        swap_int8_linears(model, [n for n, t in unstreamed.items() if getattr(t, "quant", None) == "int8"],
                           self.weights.block_size)
-        self._load_small(model, small)
+        self._load_unstreamed(model, unstreamed)
         gather_biases(model, self.fused_products)
         model.eval()
         gen_dir = next((d for d in side_dirs if (d / "generation_config.json").exists()), None)
         if gen_dir is not None:
             model.generation_config = GenerationConfig.from_pretrained(gen_dir)
         self.model = model
-        self._small_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self._unstreamed_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.timer = PassTimer(model, self.device, before=self._before_pass, after=self._after_pass)
         self.prefetcher.attach(model)  # after the timer's hooks: the first pass's planning is not timed
         if self.device.type == "cuda":
@@ -266,11 +239,11 @@ class Engine:
         sizes = {k: self.fmt.slot_nbytes(e) for k, e in entries.items()}
         DeviceCache(sizes, parse_budget(cache, sizes), policy)
 
-    def _plan(self, cache, policy, small_device_bytes: int) -> DeviceCache:
-        """The device cache for `cache`/`policy`; small_device_bytes: what is still to be loaded on the
+    def _plan(self, cache, policy, unstreamed_bytes: int) -> DeviceCache:
+        """The device cache for `cache`/`policy`; unstreamed_bytes: what is still to be loaded on the
         device besides the cache."""
         sizes = {k: self.fmt.slot_nbytes(e) for k, e in self.store.entries.items()}
-        auto = self._auto_budget(sizes, small_device_bytes) if self.device.type == "cuda" else None
+        auto = self._auto_budget(sizes, unstreamed_bytes) if self.device.type == "cuda" else None
         plan = DeviceCache(sizes, parse_budget(cache, sizes, auto), policy)
         self._plan_args = (cache, policy)
         return plan
@@ -285,7 +258,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # so that an "auto" budget sees the freed memory
         try:
-            plan = self._plan(cache, policy, 0)  # the small tensors are on the device already
+            plan = self._plan(cache, policy, 0)  # the unstreamed tensors are on the device already
         except OffloadError:
             self.cache = self._plan(*old, 0)
             self.prefetcher.restart(self.cache)
@@ -294,23 +267,17 @@ class Engine:
         self.prefetcher.restart(plan)
         self.reset_stats()
 
-    def _auto_budget(self, sizes, small_device_bytes: int) -> int:
+    def _auto_budget(self, sizes, unstreamed_bytes: int) -> int:
         free, _total = torch.cuda.mem_get_info(self.device)
         if self.device_memory is not None:  # an emulated smaller card
             free = min(free, self.device_memory - torch.cuda.memory_reserved(self.device))
-        reserve = (small_device_bytes
-                   + self.ctx_size * _kv_bytes_per_token(self.config, self.dtype)
-                   + _activation_bytes(self.config, self.ctx_size, self.dtype)
-                   + 2 * max(n * k * 2 for n, k in (e.shape for e in self.store.entries.values()))
-                   + SCRATCH_RESERVE)
-        if free - reserve < max(sizes.values()):
-            raise OffloadError(f"not enough device memory for the auto cache: {fmt_bytes(free)} free, "
-                               f"{fmt_bytes(reserve)} reserved for parameters, KV cache and scratch")
-        return free - reserve
+        reserve = auto_reserve(self.config, self.dtype, self.ctx_size, unstreamed_bytes,
+                               [e.shape for e in self.store.entries.values()])
+        return auto_budget(free, reserve, sizes)
 
-    def _load_small(self, model, small) -> None:
+    def _load_unstreamed(self, model, unstreamed) -> None:
         state = {}
-        for name, tensors in self.weights.iter_read(small):
+        for name, tensors in self.weights.iter_read(unstreamed):
             if name == self._host_embedding:
                 model.get_input_embeddings().table = tensors[0].to(self.dtype)  # [V, D], stays on the cpu
                 continue
@@ -366,9 +333,9 @@ class Engine:
             if self.cache.policy == "pin" and not self.zero_copy else 0 if self.zero_copy else None,
             "model_bytes": sum(e.nbytes for e in entries.values()), "host_bytes": self.store.nbytes,
             "cache_model_bytes": self.cache.model_bytes,  # the whole model in the cache format's bytes
-            "host_pinned": self.store.pinned, "host_copy": self.store.copy_mode,
+            "host_page_locked": self.store.page_locked, "host_copy": self.store.copy_mode,
             "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if cuda
-            else self.cache.peak_bytes + self._small_bytes,
+            else self.cache.peak_bytes + self._unstreamed_bytes,
             "rss_bytes": rss, "peak_rss_bytes": max(rss, _peak_rss() or 0),
             "threads": torch.get_num_threads(), "ctx_size": self.ctx_size, "zero_copy": self.zero_copy,
         }
@@ -388,7 +355,7 @@ class Engine:
                 f"{self.device} {str(self.dtype).removeprefix('torch.')}")
 
     def _host_words(self) -> str:
-        return {"pinned": "pinned ", "bounce": "pageable (bounce-buffered) "}.get(self.store.copy_mode, "")
+        return {"page_locked": "page-locked ", "bounce": "pageable (bounce-buffered) "}.get(self.store.copy_mode, "")
 
     # ---- generation ----
     def encode(self, prompts, chat=False):

@@ -90,7 +90,7 @@ class BounceBuffer:
 
     def __init__(self, runtime, chunk_bytes: int | None = None):
         self.runtime, self.chunk_bytes = runtime, chunk_bytes or BOUNCE_CHUNK
-        self.chunks = [runtime.pinned_empty(self.chunk_bytes) for _ in range(2)]  # uint8 [chunk_bytes] each
+        self.chunks = [runtime.page_locked_empty(self.chunk_bytes) for _ in range(2)]  # uint8 [chunk_bytes] each
         self.done = [None, None]  # per chunk: an event after the last copy out of it
         self.next = 0
         self.lock = threading.Lock()  # one copy at a time uses the chunks
@@ -110,28 +110,28 @@ class BounceBuffer:
 
 
 class HostStore:
-    """All int4 matrices of a model in ONE host buffer (page-locked when `pin`).
+    """All int4 matrices of a model in ONE host buffer (page-locked when `page_lock`).
 
-    `copy_mode`: "pinned" (the buffer is page-locked: one DMA per entry), "bounce" (page-locking
-    failed: copies go through a BounceBuffer) or "pageable" (not pinned: cpu, or not asked).
+    `copy_mode`: "page_locked" (the buffer is page-locked: one DMA per entry), "bounce" (page-locking
+    failed: copies go through a BounceBuffer) or "pageable" (not page-locked: cpu, or not asked).
     """
 
-    def __init__(self, shapes: dict[str, tuple], block_size: int, pin: bool, host_nbytes=None, runtime=None):
+    def __init__(self, shapes: dict[str, tuple], block_size: int, page_lock: bool, host_nbytes=None, runtime=None):
         self.block_size = block_size
         self.entries, self.nbytes = layout(shapes, block_size, host_nbytes)
         check_ram(self.nbytes, "the int4 weights")
         self.buffer = torch.empty(self.nbytes, dtype=torch.uint8)
         self.copy_mode = "pageable"
         self.runtime, self.bounce = runtime, None
-        if pin:
-            self.pin()
+        if page_lock:
+            self.page_lock()
 
     @property
-    def pinned(self) -> bool:
-        return self.copy_mode == "pinned"
+    def page_locked(self) -> bool:
+        return self.copy_mode == "page_locked"
 
     @classmethod
-    def from_weights(cls, weights, order, pin: bool, progress=True, repack=None, groups=None) -> "HostStore":
+    def from_weights(cls, weights, order, page_lock: bool, progress=True, repack=None, groups=None) -> "HostStore":
         """Fill the store from a WeightsDir, one tensor at a time, laid out in `order`.
 
         `groups` ({fused name: [part names]}, offload.fusion) makes one entry of each group: the parts'
@@ -141,7 +141,7 @@ class HostStore:
         """
         groups = groups or {}
         shapes = entry_shapes(weights.tensors, order, groups)
-        store = cls(shapes, weights.block_size, pin=False, host_nbytes=repack and repack.host_nbytes)
+        store = cls(shapes, weights.block_size, page_lock=False, host_nbytes=repack and repack.host_nbytes)
         part_of = {p: (key, i) for key, parts in groups.items() for i, p in enumerate(parts)}
         names = [p for key in order for p in groups.get(key, [key])]
         pending = {}
@@ -169,11 +169,11 @@ class HostStore:
                 packed_view, scales_view = store.views(key)
                 packed_view.copy_(qweight)
                 scales_view.copy_(scales)
-        if pin:
-            store.pin()
+        if page_lock:
+            store.page_lock()
         return store
 
-    def pin(self, runtime=None) -> None:
+    def page_lock(self, runtime=None) -> None:
         """Page-lock the buffer for fast device copies (after filling it: page-locking a buffer is
         cheaper than copying into one). If that fails, print one notice and use a bounce buffer."""
         if self.copy_mode != "pageable":
@@ -185,7 +185,7 @@ class HostStore:
             self.runtime = CudaRuntime(torch.device("cuda", torch.cuda.current_device()))
         err, message = self.runtime.register(self.buffer.data_ptr(), self.nbytes)
         if err == 0:
-            self.copy_mode = "pinned"
+            self.copy_mode = "page_locked"
             return
         self.runtime.clear_error()
         failed = (f"offload: page-locking {fmt_bytes(self.nbytes)} of host RAM failed (CUDA error {err}: {message}; "
@@ -220,7 +220,7 @@ class HostStore:
         if self.copy_mode == "pageable":
             return
         self.runtime.synchronize()
-        if self.copy_mode == "pinned" and self.runtime.unregister(self.buffer.data_ptr()) != 0:
+        if self.copy_mode == "page_locked" and self.runtime.unregister(self.buffer.data_ptr()) != 0:
             self.runtime.clear_error()
         self.bounce = None
         self.copy_mode = "pageable"

@@ -123,11 +123,11 @@ class HostEmbedding(nn.Module):
         # the one wait per step, for the sampler's work only (an event on the copy, no device-wide
         # synchronize, no pageable copy). Both copies go through page-locked buffers (torch's caching
         # host allocator keeps a buffer until the copy out of it has finished).
-        host_ids = self.runtime.pinned_empty(ids.numel() * ids.element_size()).view(ids.dtype).view(ids.shape)
+        host_ids = self.runtime.page_locked_empty(ids.numel() * ids.element_size()).view(ids.dtype).view(ids.shape)
         host_ids.copy_(ids, non_blocking=True)
         self.runtime.record_event().synchronize()
         d = self.embedding_dim
-        rows = self.runtime.pinned_empty(ids.numel() * d * self.table.element_size()).view(self.table.dtype)
+        rows = self.runtime.page_locked_empty(ids.numel() * d * self.table.element_size()).view(self.table.dtype)
         rows = rows.view(*ids.shape, d)  # [B, T, D]
         torch.index_select(self.table, 0, host_ids.reshape(-1), out=rows.view(-1, d))  # = F.embedding's forward
         return rows.to(self.device, non_blocking=True)

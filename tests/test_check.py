@@ -79,7 +79,7 @@ def _stats(device):
 
 def test_stats_limits_line_on_cuda_only():
     from offload.cli import stats_summary
-    rates = {"device_copy_gbps": 800.0, "pinned_h2d_gbps": 24.0}
+    rates = {"device_copy_gbps": 800.0, "page_locked_h2d_gbps": 24.0}
     cpu = stats_summary(_stats("cpu"), rates)
     assert "limits" not in cpu and len(cpu.splitlines()) == 4  # cpu: unchanged
     gpu = stats_summary(_stats("cuda:0"), rates).splitlines()
@@ -95,7 +95,7 @@ def test_stats_limits_line_on_cuda_only():
 def test_last_copy_rates_come_from_the_check_file(tmp_path, monkeypatch):
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path))
     assert check.last_copy_rates(torch.device("cpu")) is None
-    rates = {"device_copy_gbps": 900.0, "pinned_h2d_gbps": 25.0}
+    rates = {"device_copy_gbps": 900.0, "page_locked_h2d_gbps": 25.0}
     check.write_json(tmp_path / check.CHECK_FILE, {"info": {"name": "GPU X"}, "copies": rates})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
     assert check.last_copy_rates(torch.device("cuda", 0)) == rates

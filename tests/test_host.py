@@ -43,8 +43,8 @@ class FakeRuntime:
     def synchronize(self):
         self.log.append(("synchronize",))
 
-    def pinned_empty(self, nbytes):
-        self.log.append(("pinned_empty", nbytes))
+    def page_locked_empty(self, nbytes):
+        self.log.append(("page_locked_empty", nbytes))
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def record_event(self):
@@ -53,7 +53,7 @@ class FakeRuntime:
 
 
 def filled_store(runtime=None):
-    store = host.HostStore({"a": (64, 1024), "b": (48, 640)}, 128, pin=False, runtime=runtime)
+    store = host.HostStore({"a": (64, 1024), "b": (48, 640)}, 128, page_lock=False, runtime=runtime)
     store.buffer.copy_(torch.randint(0, 256, (store.nbytes,), generator=torch.Generator().manual_seed(0),
                                      dtype=torch.uint8))
     return store
@@ -63,8 +63,8 @@ def test_register_failure_falls_back_to_a_bounce_buffer(capsys, monkeypatch):
     monkeypatch.setattr(host, "BOUNCE_CHUNK", 4096)
     runtime = FakeRuntime(fail=2)
     store = filled_store()
-    store.pin(runtime)
-    assert store.copy_mode == "bounce" and not store.pinned
+    store.page_lock(runtime)
+    assert store.copy_mode == "bounce" and not store.page_locked
     assert runtime.log[:2] == [("register", store.nbytes), ("clear_error",)]  # cleared right after the failure
     notice = capsys.readouterr().err.strip().splitlines()
     assert len(notice) == 1 and "bounce buffer" in notice[0] and "CUDA error 2" in notice[0]
@@ -86,10 +86,10 @@ def test_register_failure_falls_back_to_a_bounce_buffer(capsys, monkeypatch):
 
 def test_bounce_buffer_failure_still_loads(capsys):
     class NoPinned(FakeRuntime):
-        def pinned_empty(self, nbytes):
+        def page_locked_empty(self, nbytes):
             raise RuntimeError("CUDA error: out of memory")
     store = filled_store()
-    store.pin(NoPinned(fail=2))
+    store.page_lock(NoPinned(fail=2))
     assert store.copy_mode == "pageable"
     dst = torch.zeros(store.entries["b"].nbytes, dtype=torch.uint8)
     store.copy_to(dst, "b")
@@ -100,12 +100,12 @@ def test_bounce_buffer_failure_still_loads(capsys):
 def test_pinned_close_synchronizes_then_unregisters_and_a_retry_works(capsys):
     runtime = FakeRuntime()
     store = filled_store()
-    store.pin(runtime)
-    assert store.copy_mode == "pinned" and store.pinned and capsys.readouterr().err == ""
+    store.page_lock(runtime)
+    assert store.copy_mode == "page_locked" and store.page_locked and capsys.readouterr().err == ""
     store.close()
     assert runtime.log[-2:] == [("synchronize",), ("unregister",)]
-    store.pin(runtime)  # the same buffer again: it was unregistered, so this is not "already registered"
-    assert store.copy_mode == "pinned"
+    store.page_lock(runtime)  # the same buffer again: it was unregistered, so this is not "already registered"
+    assert store.copy_mode == "page_locked"
     store.close()
     store.close()  # idempotent
     assert runtime.log.count(("unregister",)) == 2
@@ -113,7 +113,7 @@ def test_pinned_close_synchronizes_then_unregisters_and_a_retry_works(capsys):
 
 def test_from_weights_without_pin_registers_nothing():
     runtime = FakeRuntime()
-    store = host.HostStore({"a": (8, 128)}, 128, pin=False, runtime=runtime)
+    store = host.HostStore({"a": (8, 128)}, 128, page_lock=False, runtime=runtime)
     store.close()
     assert runtime.log == []
 

@@ -63,7 +63,7 @@ def test_other_errors_pass_through(llama):
 
 
 def test_auto_budget_reserves_activations_for_the_longest_prompt(llama, monkeypatch):
-    from offload.engine import _activation_bytes, _kv_bytes_per_token
+    from offload.cache import activation_bytes, kv_bytes_per_token
     free = 8 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
     with offload.load(*llama, cache="full", device="cpu", dtype=torch.float32, progress=False) as engine:
@@ -73,7 +73,7 @@ def test_auto_budget_reserves_activations_for_the_longest_prompt(llama, monkeypa
             engine.ctx_size = ctx
             budgets[ctx] = engine._auto_budget(sizes, 0)
         config = engine.config
-        per_token = (_kv_bytes_per_token(config, torch.float32)
+        per_token = (kv_bytes_per_token(config, torch.float32)
                      + (3 * config.intermediate_size + 4 * config.hidden_size) * 4)  # float32 activations
         assert budgets[64] - budgets[512] == (512 - 64) * per_token
-        assert _activation_bytes(config, 0, torch.float32) == 2 * 4 * config.vocab_size
+        assert activation_bytes(config, 0, torch.float32) == 2 * 4 * config.vocab_size

@@ -59,7 +59,7 @@ def _measure_cuda(device, nbytes: int, reps: int) -> dict:
         "device": str(device), "name": torch.cuda.get_device_name(device), "buffer_bytes": nbytes,
         "h2d_bytes_per_s": nbytes / h2d, "d2h_bytes_per_s": nbytes / d2h,
         "mem_bytes_per_s": 2 * nbytes / d2d,
-        "h2d_method": "pinned host -> device copy_(non_blocking), CUDA events, bytes copied / s",
+        "h2d_method": "page-locked host -> device copy_(non_blocking), CUDA events, bytes copied / s",
         "mem_method": "device -> device copy, CUDA events, (read + write) bytes / s",
     }
 

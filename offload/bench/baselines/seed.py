@@ -37,7 +37,7 @@ from offload.timing import PassTimer
 def build_store(config, weights, device) -> HostStore:
     """The seed's host copy of the int4 weights (page-locked on cuda), in module registration order."""
     keys = [f"{n}.weight" for n in linear_modules(empty_model(config)) if f"{n}.weight" in weights.linears]
-    return HostStore.from_weights(weights, keys, pin=torch.device(device).type == "cuda", progress=False)
+    return HostStore.from_weights(weights, keys, page_lock=torch.device(device).type == "cuda", progress=False)
 
 
 def entries_for_budget(budget_bytes: int, store: HostStore) -> int:
@@ -203,7 +203,7 @@ class SeedPeer:
         except BaseException:
             self.cache.close()
             raise
-        self._small_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self._unstreamed_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self._h2d = {"prefill": 0, "decode": 0}
         self._mark = None
         self.timer = PassTimer(self.model, self.device)
@@ -259,7 +259,7 @@ class SeedPeer:
             "cache_entries": self.entries, "waits": self.cache.waits,
         })
         if s["peak_device_bytes"] is None:
-            s["peak_device_bytes"] = self.cache.peak_bytes + self._small_bytes
+            s["peak_device_bytes"] = self.cache.peak_bytes + self._unstreamed_bytes
         return s
 
     def describe(self) -> str:
