@@ -446,6 +446,8 @@ def stats_summary(s: dict, rates: dict | None = None) -> str:
                   f"{s['prefetch_waits']} prefetch waits")
     memory = (f"memory:  cache budget {fmt_bytes(s['cache_budget_bytes'])}, resident {fmt_bytes(s['resident_bytes'])}, "
               f"model {fmt_bytes(s['model_bytes'])}, host store {fmt_bytes(s['host_bytes'])}, ")
+    if s.get("zero_copy"):  # no cache: the budget and the resident bytes do not apply
+        memory = f"memory:  model {fmt_bytes(s['model_bytes'])}, host store {fmt_bytes(s['host_bytes'])}, "
     if cpu:
         peak = f" (peak {fmt_bytes(s['peak_rss_bytes'])})" if s.get("peak_rss_bytes") else ""
         memory += f"process RSS {fmt_bytes(s['rss_bytes'])}{peak}"

@@ -165,6 +165,7 @@ def test_summary_on_cpu_leaves_out_copies_when_nothing_streams(models, tmp_path,
     err = capsys.readouterr().err
     assert json.loads(stats_file.read_text())["zero_copy"]
     assert "weights: read in place from host RAM (zero-copy on cpu)" in err.splitlines()
+    assert not any("cache budget" in line for line in err.splitlines() if line.startswith("memory:"))
     assert not any(line.startswith("cache:") for line in err.splitlines())
     assert sum(line.startswith("memory plan: zero-copy on cpu") for line in err.splitlines()) == 1
     assert "peak device" not in err and " MB" not in err and " GB" not in err
