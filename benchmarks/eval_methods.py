@@ -21,7 +21,7 @@ import torch
 from offload import methods, quant
 from offload.demo import prepare
 from offload.evaluate import evaluate
-from offload.store import WeightsDir, quantize_model
+from offload.weights import WeightsDir, quantize_model
 
 DATA = Path(__file__).parent / "data"
 VARIANTS = [f"{m}:{h}" for m in ("absmax", "mse", "gptq") for h in ("int4", "int8", "bf16")]

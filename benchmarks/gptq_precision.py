@@ -17,7 +17,7 @@ import torch
 from offload import methods
 from offload.demo import prepare
 from offload.evaluate import evaluate
-from offload.store import WeightsDir, quantize_model
+from offload.weights import WeightsDir, quantize_model
 
 DATA = Path(__file__).parent / "data"
 

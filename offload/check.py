@@ -164,7 +164,7 @@ def _tiny_model(root: Path) -> tuple[Path, Path]:
     """A random 2-layer Llama saved to root/model and quantized (absmax, int4 head) to root/weights."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from .store import quantize_model
+    from .weights import quantize_model
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          initializer_range=0.3,  # large, so that greedy decoding does not collapse onto one token
@@ -182,7 +182,7 @@ def reference_model(model_dir: Path, device="cpu"):
     from transformers import AutoModelForCausalLM
 
     from . import quant
-    from .store import stored_dtype
+    from .weights import stored_dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if model.config.tie_word_embeddings:  # the engine quantizes lm_head from the source's embedding
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())

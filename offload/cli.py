@@ -72,7 +72,7 @@ def quantize_main(argv=None) -> int:
 
 
 def _quantize(args) -> int:
-    from .store import quantize_model, WeightsDir
+    from .weights import quantize_model, WeightsDir
     from .units import parse_size
     import torch
     if args.device.startswith("cuda") and not torch.cuda.is_available():

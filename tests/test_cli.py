@@ -433,17 +433,17 @@ def test_demo_model_knows_the_capital_of_france(tmp_path_factory, monkeypatch, c
 def test_demo_quantizes_again_when_cached_weights_are_outdated(tmp_path, monkeypatch):
     # A demo cached by an older offload (other method, head precision or format) is not run as is.
     import json
-    from offload import demo, store
+    from offload import demo, weights
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path))
     root = tmp_path / "smollm2-135m-instruct"
     (root / "hf").mkdir(parents=True)
     (root / "hf" / "config.json").write_text("{}")  # converted already
     calls = []
     monkeypatch.setattr(demo, "quantize_model", lambda model_dir, weights_dir, **kw: calls.append(weights_dir))
-    manifest = root / "weights" / store.MANIFEST
+    manifest = root / "weights" / weights.MANIFEST
     manifest.parent.mkdir()
-    current = {"format_version": store.FORMAT_VERSION, "method": store.DEFAULT_METHOD,
-               "lm_head": store.DEFAULT_LM_HEAD}
+    current = {"format_version": weights.FORMAT_VERSION, "method": weights.DEFAULT_METHOD,
+               "lm_head": weights.DEFAULT_LM_HEAD}
     for text, quantized in [(json.dumps(current), False), (json.dumps({**current, "method": "absmax"}), True),
                             (json.dumps({k: v for k, v in current.items() if k != "lm_head"}), True),
                             ("{damaged", True)]:

@@ -9,7 +9,7 @@ import torch
 import offload
 from offload.cache import DeviceCache
 from offload.errors import OffloadError
-from offload import store
+from offload import weights
 from offload.quant import quantized_nbytes
 
 import tiny
@@ -369,7 +369,7 @@ def test_families_outside_the_fused_list_keep_one_matrix_per_linear(tmp_path):
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                         initializer_range=0.3, eos_token_id=256, pad_token_id=257, tie_word_embeddings=False)
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    store.quantize_model(model_dir, tmp_path / "w", progress=False, method="absmax", lm_head="int4")
+    weights.quantize_model(model_dir, tmp_path / "w", progress=False, method="absmax", lm_head="int4")
     ref = tiny.reference_model(model_dir)
     ids = prompt_ids("cpu")
     with offload.load(model_dir, tmp_path / "w", cache="full", dtype=torch.float32, progress=False) as engine:

@@ -66,7 +66,7 @@ def int4_exact(w: torch.Tensor) -> torch.Tensor:
 
 
 def test_lossless_weights_give_zero_difference(tmp_path):
-    from offload.store import quantize_model
+    from offload.weights import quantize_model
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_config(tiny.config("llama"))
     for module in model.modules():  # the tied lm_head is the embedding: make that exact too

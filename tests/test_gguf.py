@@ -18,7 +18,7 @@ import offload
 import tiny
 from offload import cli
 from offload.gguf_source import GGUFSource, gguf_files
-from offload.store import WeightsDir, quantize_model
+from offload.weights import WeightsDir, quantize_model
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 F32 = gguf.GGMLQuantizationType.F32
@@ -250,7 +250,7 @@ def test_demo_gguf_converts_with_bounded_memory(tmp_path):
     src = gguf_path()
     out = tmp_path / "w"
     # VmHWM: the peak of this process's own memory (ru_maxrss would carry the parent's peak over a vfork + exec)
-    code = ("import re, sys; from offload.store import quantize_model; "
+    code = ("import re, sys; from offload.weights import quantize_model; "
             "quantize_model(sys.argv[1], sys.argv[2], progress=False); "
             "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024)")
     run = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True,

@@ -6,7 +6,7 @@ from offload import methods, quant
 from offload.modules import Int8Linear
 from offload.cli import quantize_main
 from offload.errors import OffloadError
-from offload.store import WeightsDir, quantize_model
+from offload.weights import WeightsDir, quantize_model
 
 
 CALIBRATION = ("A calibration text only has to exercise the layers the way real text does. "

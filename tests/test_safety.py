@@ -14,7 +14,7 @@ import threading
 import pytest
 import torch
 
-from offload import load, quant, store
+from offload import load, quant, weights
 from offload.cli import eval_main, quantize_main, run_main
 
 import tiny
@@ -48,7 +48,7 @@ def copy(src, dst):
 def edit_manifest(weights_dir, change):
     m = tiny.manifest(weights_dir)
     change(m)
-    (weights_dir / store.MANIFEST).write_text(json.dumps(m))
+    (weights_dir / weights.MANIFEST).write_text(json.dumps(m))
 
 
 def dead_pid():
@@ -93,10 +93,10 @@ def test_force_replaces_a_weights_dir_only_once_the_new_one_is_complete(llama, t
 
     monkeypatch.setattr(quant, "quantize", failing)
     with pytest.raises(KeyboardInterrupt):
-        store.quantize_model(llama[0], out, force=True, progress=False, method="absmax", lm_head="int4")
+        weights.quantize_model(llama[0], out, force=True, progress=False, method="absmax", lm_head="int4")
     assert listing(tmp_path) == before  # the old dir untouched, no temp dir left
     monkeypatch.setattr(quant, "quantize", real)
-    store.quantize_model(llama[0], out, force=True, progress=False, method="absmax", lm_head="bf16")
+    weights.quantize_model(llama[0], out, force=True, progress=False, method="absmax", lm_head="bf16")
     assert tiny.manifest(out)["lm_head"] == "bf16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
 
@@ -108,14 +108,14 @@ def test_stale_temp_dirs_of_dead_runs_are_removed(llama, tmp_path):
     for d in (dead, live):
         d.mkdir()
         (d / "model-00001.safetensors").write_bytes(b"x" * 1000)
-    store.quantize_model(llama[0], tmp_path / "w", progress=False, method="absmax")
+    weights.quantize_model(llama[0], tmp_path / "w", progress=False, method="absmax")
     assert not dead.exists() and live.exists()
-    store.WeightsDir(tmp_path / "w")
+    weights.WeightsDir(tmp_path / "w")
 
 
 def test_a_weights_dir_moved_aside_by_a_killed_run_is_put_back(llama, tmp_path):
     aside = copy(llama[1], tmp_path / f".w.old-{dead_pid()}")
-    store.quantize_model(llama[0], tmp_path / "w", force=True, progress=False, method="absmax", lm_head="bf16")
+    weights.quantize_model(llama[0], tmp_path / "w", force=True, progress=False, method="absmax", lm_head="bf16")
     assert not aside.exists() and tiny.manifest(tmp_path / "w")["lm_head"] == "bf16"
 
 
@@ -221,7 +221,7 @@ def test_hashes_are_those_of_the_written_shards_and_old_dirs_load_with_a_notice(
 
 def test_verified_and_ranged_reads_return_the_stored_tensors(llama):
     from safetensors import safe_open
-    w = store.WeightsDir(llama[1])
+    w = weights.WeightsDir(llama[1])
     names = list(w.tensors)
     first = dict(w.iter_read(names))  # whole shards, hashed
     assert not w.sha256  # every shard verified once
@@ -331,8 +331,8 @@ def test_prompt_longer_than_the_context_is_refused_before_generating(llama, caps
 # 9. the manifest keeps no absolute path of the machine that made it
 def test_manifest_records_the_source_name_and_hash_not_its_path(llama, tmp_path):
     twin = copy(llama[0], tmp_path / "deep" / "er" / "llama")
-    out = store.quantize_model(twin, tmp_path / "w", progress=False, method="absmax", lm_head="int4")
-    text = (out / store.MANIFEST).read_text()
+    out = weights.quantize_model(twin, tmp_path / "w", progress=False, method="absmax", lm_head="int4")
+    text = (out / weights.MANIFEST).read_text()
     assert str(tmp_path) not in text and str(llama[0].parent) not in tiny.manifest(llama[1])["source_model"]
     m = json.loads(text)
     assert m["source_model"] == "llama"
@@ -340,5 +340,5 @@ def test_manifest_records_the_source_name_and_hash_not_its_path(llama, tmp_path)
     cfg = json.loads((twin / "config.json").read_text())
     cfg["rms_norm_eps"] = 1e-3
     (twin / "config.json").write_text(json.dumps(cfg))
-    other = store.quantize_model(twin, tmp_path / "w2", progress=False, method="absmax", lm_head="int4")
+    other = weights.quantize_model(twin, tmp_path / "w2", progress=False, method="absmax", lm_head="int4")
     assert tiny.manifest(other)["source_sha256"] != m["source_sha256"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from offload import quant, store
+from offload import quant, weights
 from offload.errors import OffloadError
 
 import tiny
@@ -13,10 +13,10 @@ import tiny
 def test_quantized_tensors_equal_the_reference_functions(llama):
     model_dir, weights_dir = llama
     m = tiny.manifest(weights_dir)
-    assert m["format_version"] == store.FORMAT_VERSION and m["block_size"] == 128
+    assert m["format_version"] == weights.FORMAT_VERSION and m["block_size"] == 128
     with safe_open(model_dir / "model.safetensors", framework="pt") as src:
         source = {k: src.get_tensor(k) for k in src.keys()}
-    w = store.WeightsDir(weights_dir)
+    w = weights.WeightsDir(weights_dir)
     for name, info in m["tensors"].items():
         stored = w.read(name)
         # tied embeddings: lm_head is a quantized copy of the input embedding
@@ -43,9 +43,9 @@ def test_unquantized_tensors_keep_float16_and_the_dir_stays_small(llama, tmp_pat
     AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16).save_pretrained(half)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (half / f).write_bytes((model_dir / f).read_bytes())
-    out = store.quantize_model(half, tmp_path / "w", progress=False, method="absmax", lm_head="int4")
+    out = weights.quantize_model(half, tmp_path / "w", progress=False, method="absmax", lm_head="int4")
     for d, dtype in ((out, torch.float16), (weights_dir, torch.bfloat16)):
-        w = store.WeightsDir(d)
+        w = weights.WeightsDir(d)
         small = [t for n, info in w.tensors.items() if info.role != "linear" for t in w.read(n)]
         assert small and all(t.dtype == dtype for t in small)
         int4 = sum(sum(quant.quantized_nbytes(t.shape)) for t in w.linears.values())
@@ -59,11 +59,11 @@ def test_sharded_sources_and_outputs(llama, tmp_path):
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(sharded, max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").exists()
-    out = store.quantize_model(sharded, tmp_path / "w", shard_bytes=50_000, progress=False, method="absmax",
+    out = weights.quantize_model(sharded, tmp_path / "w", shard_bytes=50_000, progress=False, method="absmax",
                                lm_head="int4")
-    w = store.WeightsDir(out)
+    w = weights.WeightsDir(out)
     assert len(w.manifest["shards"]) > 1
-    ref = store.WeightsDir(llama[1])
+    ref = weights.WeightsDir(llama[1])
     for name in ref.tensors:
         assert all(torch.equal(a, b) for a, b in zip(w.read(name), ref.read(name)))
 
@@ -81,34 +81,34 @@ def test_interrupted_quantization_leaves_nothing_that_looks_complete(llama, tmp_
     real = quant.quantize
     monkeypatch.setattr(quant, "quantize", failing)
     with pytest.raises(KeyboardInterrupt):
-        store.quantize_model(model_dir, tmp_path / "w", progress=False, method="absmax")
+        weights.quantize_model(model_dir, tmp_path / "w", progress=False, method="absmax")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_refuses_to_overwrite_and_rejects_non_models(llama, tmp_path):
     model_dir, weights_dir = llama
     with pytest.raises(OffloadError, match="already exists"):
-        store.quantize_model(model_dir, weights_dir, progress=False)
+        weights.quantize_model(model_dir, weights_dir, progress=False)
     with pytest.raises(OffloadError, match="not a model dir"):
-        store.quantize_model(tmp_path, tmp_path / "w", progress=False)
+        weights.quantize_model(tmp_path, tmp_path / "w", progress=False)
 
 
 def test_reader_rejects_damaged_dirs(llama, tmp_path):
     import shutil
     _, weights_dir = llama
     with pytest.raises(OffloadError, match="does not exist"):
-        store.WeightsDir(tmp_path / "nope")
+        weights.WeightsDir(tmp_path / "nope")
     bad = tmp_path / "bad"
     shutil.copytree(weights_dir, bad)
     shard = next(bad.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(OffloadError, match="truncated"):
-        store.WeightsDir(bad)
+        weights.WeightsDir(bad)
     (bad / "offload.json").write_text("{not json")
     with pytest.raises(OffloadError, match="corrupt"):
-        store.WeightsDir(bad)
+        weights.WeightsDir(bad)
     m = tiny.manifest(weights_dir)
     m["format_version"] = 99
     (bad / "offload.json").write_text(json.dumps(m))
     with pytest.raises(OffloadError, match="format version"):
-        store.WeightsDir(bad)
+        weights.WeightsDir(bad)

@@ -40,7 +40,7 @@ from .. import cache as cache_mod, formats as formats_mod, load
 from ..cli import _add_version
 from ..engine import resolve_device, resolve_dtype, set_threads
 from ..errors import OffloadError
-from ..store import WeightsDir
+from ..weights import WeightsDir
 from . import ceilings as ceilings_mod
 from .baselines import PEERS, peer_legend
 from .report import (BASE_COLUMNS, HEADER, machine, now, peer_columns, plot, rate, read_csv, row_line, say,

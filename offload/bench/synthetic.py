@@ -1,6 +1,6 @@
 """Synthetic int4 weights of any HF config, generated straight into the engine's host store.
 
-`SyntheticWeights(config)` has the interface of `offload.store.WeightsDir` (path, block_size, tensors,
+`SyntheticWeights(config)` has the interface of `offload.weights.WeightsDir` (path, block_size, tensors,
 linears, check_config, iter_read), so `offload.load(config, SyntheticWeights(config))` runs the real
 32B shape on any machine with enough RAM for its int4 bytes: no download, no bf16 copy of the model,
 no tokenizer (prompts are random token ids).
@@ -24,7 +24,7 @@ import torch
 
 from offload.modules import empty_model, linear_modules
 from offload.quant import BLOCK_SIZE, padded_k
-from offload.store import TensorInfo, WeightsDir, tensor_role
+from offload.weights import TensorInfo, WeightsDir, tensor_role
 
 WEIGHT_SCALE = 0.02 / 7  # bf16 scale per block: absmax / 7 of a N(0, ~0.01) weight
 POOL_BYTES = 64 << 20
