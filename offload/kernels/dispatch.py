@@ -88,7 +88,7 @@ def int4_linear(x, packed, scales, in_features, bias=None):
 
 def int4_dequantize(packed, scales, in_features, dtype):
     """(packed uint8 [N, Kp/2], scales [N, Kp/block]) -> dtype [N, K]: the Triton kernel on cuda, else the reference."""
-    if packed.is_cuda or triton_forced():
+    if use_triton(packed):
         return dequantize(packed, scales, in_features, dtype=dtype)
     return quant.dequantize(packed, scales, (packed.shape[0], in_features), dtype)
 
