@@ -1,12 +1,17 @@
-"""CPU decode speed, side by side in one run: the plain HF model (float32 and bfloat16) against the
-offloaded engine on its fast int4 path (bfloat16: the default, then one change at a time: unfused
-projections, copies into a full and a quarter cache as a GPU would make them) and on the exact float32
-reference path. Greedy decoding of the demo model (SmolLM2-135M-Instruct) unless --model is given.
+"""CPU decode speed, side by side in one run: the plain HF model (float32 and bfloat16) and llama.cpp
+(through llama-cpp-python, on the demo's own GGUF, fed the same prompt token ids) against the offloaded
+engine on its fast int4 path (bfloat16: the default, then one change at a time: the compiled decode step,
+a 25% cache, unfused projections, copies into a full and a quarter cache as a GPU would make them) and on
+the exact float32 reference path. Greedy decoding of the demo model (SmolLM2-135M-Instruct) unless --model
+is given; every configuration is loaded once and measured in interleaved rounds (the machine is shared).
 
-    python benchmarks/bench_cpu.py [--model DIR --weights DIR] [--new-tokens 64] [--reps 3] [--threads N]
+    python benchmarks/bench_cpu.py [--model DIR --weights DIR --gguf FILE] [--threads 1,2] [--new-tokens 32]
+                                   [--reps 3] [--profile]
 
-Prints a table (decode tokens/s and the ratio to plain float32) and writes
-benchmarks/results/cpu-<model>-decode.csv.
+llama-cpp-python is optional (it compiles llama.cpp from source: build it once, outside the repository);
+without it the llama.cpp row is skipped with a notice. Prints a table per thread count (decode tokens/s,
+the ratio to plain float32 and to llama.cpp) and writes benchmarks/results/cpu-<model>-decode.csv.
+`--profile` adds the split of one decode step of the default engine (torch profiler).
 """
 import argparse
 import csv
@@ -38,8 +43,7 @@ def decode_tokens_per_s(model, ids, new_tokens: int) -> float:
     hooks = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
     try:
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None)
+            model.generate(**greedy_kwargs(ids, new_tokens))
     finally:
         for h in hooks:
             h.remove()
@@ -47,54 +51,145 @@ def decode_tokens_per_s(model, ids, new_tokens: int) -> float:
     return len(decode) / sum(decode)
 
 
-def median_speed(model, ids, new_tokens, reps) -> float:
-    decode_tokens_per_s(model, ids, 4)  # warm-up: caches, allocator, the order recording pass
-    return statistics.median(decode_tokens_per_s(model, ids, new_tokens) for _ in range(reps))
+def greedy_kwargs(ids, new_tokens: int) -> dict:
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
+def engine_tokens_per_s(engine, ids, new_tokens: int) -> float:
+    """As `decode_tokens_per_s`, from the engine's own timer (which also times a compiled decode step)."""
+    engine.reset_stats()
+    with torch.inference_mode():
+        engine.model.generate(**engine.add_static_cache(greedy_kwargs(ids, new_tokens)))
+    return engine.stats["decode_tokens_per_s"]
+
+
+def llama_cpp_speed(gguf: Path, ids: list[int], new_tokens: int, threads: int):
+    """Greedy decode of the same prompt ids by llama.cpp (llama-cpp-python) on a GGUF: tokens/s over the
+    decode steps only, as for the engine. None when llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+        import numpy as np
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(ids) + new_tokens + 8, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+
+    def run(n):
+        llm.reset()
+        llm.eval(ids)  # prefill, not timed
+        seconds = 0.0
+        for _ in range(n):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            start = time.perf_counter()
+            llm.eval([token])
+            seconds += time.perf_counter() - start
+        return n / seconds
+    run(4)  # warm-up
+    return run
+
+
+def profile_step(model, ids, steps: int = 16) -> dict:
+    """Milliseconds per eager decode step by kind of work (torch profiler, self CPU time of the ops); the rest
+    of the step's wall time is Python, hooks and dispatch."""
+    from torch.profiler import ProfilerActivity, profile
+    kinds = {"int4 matmul": ("int4pack_mm", "int4_mm", "offload_native"), "output projection (int8)": ("int8pack_mm",),
+             "attention": ("scaled_dot_product", "flash_attention")}
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)  # prefill, not profiled
+        past, token, wall = out.past_key_values, out.logits[:, -1:].argmax(-1), 0.0
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                start = time.perf_counter()
+                out = model(token, past_key_values=past, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                wall += time.perf_counter() - start
+    totals = dict.fromkeys([*kinds, "other ops"], 0.0)
+    for event in prof.key_averages():
+        kind = next((k for k, names in kinds.items() if any(n in event.key for n in names)), "other ops")
+        totals[kind] += event.self_cpu_time_total / 1e3
+    per_step = {k: v / steps for k, v in totals.items()}
+    per_step["Python, hooks, dispatch"] = max(0.0, wall * 1e3 / steps - sum(per_step.values()))
+    return per_step
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF model dir (default: the demo model)")
     p.add_argument("--weights", help="weights dir (default: the demo model's)")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--gguf", help="GGUF for the llama.cpp row (default: the demo's own GGUF)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3, help="interleaved rounds; the median is reported")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--profile", action="store_true", help="also print the per-step split of the default engine")
     p.add_argument("--out", default=None, help="CSV path")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model_dir, weights_dir = (args.model, args.weights) if args.model else demo.prepare()
+    gguf = Path(args.gguf) if args.gguf else (None if args.model else demo.gguf_path())
     name = Path(model_dir).parent.name if not args.model else Path(model_dir).name
-    threads = torch.get_num_threads()
-    machine = f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}"
-
-    rows = []
-    with offload.load(model_dir, weights_dir, cache="full", device="cpu", dtype=torch.bfloat16, progress=False) as e:
+    with offload.load(model_dir, weights_dir, cache="full", device="cpu", dtype=torch.bfloat16, progress=False,
+                      compile=False) as e:
         ids = e.encode(PROMPT, chat=True)["input_ids"]
 
-    def add(config, tok_s, extra=""):
-        rows.append({"machine": machine, "model": name, "config": config, "batch": 1, "prompt_tokens": ids.shape[1],
-                     "new_tokens": args.new_tokens, "decode_tokens_per_s": round(tok_s, 2), "note": extra})
-        base = rows[0]["decode_tokens_per_s"]
-        print(f"{config:<40} {tok_s:8.2f} tok/s   {tok_s / base:5.2f}x plain fp32  {extra}", flush=True)
-
-    print(f"{name} on {machine}: batch 1, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, "
-          f"median of {args.reps}", flush=True)
-    for dtype in (torch.float32, torch.bfloat16):
-        plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        add(f"plain HF {str(dtype)[6:]}", median_speed(plain, ids, args.new_tokens, args.reps))
-        del plain
-    configs = [  # (label, load options): one change at a time against the default first row
-        ("offload bfloat16 (default: zero-copy, fused)", dict(dtype=torch.bfloat16)),
-        ("offload bfloat16, unfused q/k/v, gate/up", dict(dtype=torch.bfloat16, fuse=False)),
-        ("offload bfloat16, cache full, emulated copies", dict(dtype=torch.bfloat16, cache="full", emulate_copies=True)),
-        ("offload bfloat16, cache 25%, emulated copies", dict(dtype=torch.bfloat16, cache="25%", emulate_copies=True)),
-        ("offload float32 (exact reference)", dict(dtype=torch.float32)),
-    ]
-    for label, options in configs:
-        with offload.load(model_dir, weights_dir, device="cpu", progress=False, threads=threads, **options) as e:
-            speed = median_speed(e.model, ids, args.new_tokens, args.reps)
-            add(label, speed, f"{e.stats['h2d_bytes_per_token'] / 2**20:.1f} MiB copied/token")
+    rows = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        machine = f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}"
+        print(f"\n{name} on {machine}: batch 1, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, "
+              f"median of {args.reps} interleaved rounds", flush=True)
+        runs, notes, engines = {}, {}, []
+        for dtype in (torch.float32, torch.bfloat16):
+            plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+            runs[f"plain HF {str(dtype)[6:]}"] = lambda n, m=plain: decode_tokens_per_s(m, ids, n)
+        llama = llama_cpp_speed(gguf, ids[0].tolist(), args.new_tokens, threads) if gguf else None
+        if llama is None:
+            print("llama.cpp row skipped: llama-cpp-python is not installed (pip install llama-cpp-python; "
+                  "it builds llama.cpp from source)" if gguf else "llama.cpp row skipped: no --gguf", flush=True)
+        else:
+            runs[f"llama.cpp ({gguf.name})"] = llama
+        configs = [  # (label, load options): one change at a time against the default
+            ("offload default (eager, zero-copy, fused)", dict(compile=False)),
+            ("offload compiled decode step (compile=True)", dict(compile=True)),
+            ("offload --cache 25% (zero-copy: reads in place)", dict(cache="25%", compile=False)),
+            ("offload unfused q/k/v, gate/up", dict(fuse=False, compile=False)),
+            ("offload cache full, emulated copies", dict(cache="full", emulate_copies=True, compile=False)),
+            ("offload cache 25%, emulated copies", dict(cache="25%", emulate_copies=True, compile=False)),
+            ("offload float32 (exact reference)", dict(dtype=torch.float32, compile=False)),
+        ]
+        for label, options in configs:
+            e = offload.load(model_dir, weights_dir, device="cpu", progress=False, threads=threads,
+                             **{"dtype": torch.bfloat16, **options})
+            engines.append(e)
+            runs[label] = lambda n, e=e: engine_tokens_per_s(e, ids, n)
+            notes[label] = e
+        for run in runs.values():
+            run(4)  # warm-up: caches, allocator, the order recording pass, a compile
+        speeds = {label: [] for label in runs}
+        for _ in range(args.reps):
+            for label, run in runs.items():
+                speeds[label].append(run(args.new_tokens))
+        base = statistics.median(speeds["plain HF float32"])
+        ref = statistics.median(speeds[next(iter(k for k in runs if k.startswith("llama.cpp")), "plain HF float32")])
+        for label, values in speeds.items():
+            tok_s = statistics.median(values)
+            e = notes.get(label)
+            extra = f"{e.stats['h2d_bytes_per_token'] / 2**20:.1f} MiB copied/token" if e is not None else ""
+            rows.append({"machine": machine, "threads": threads, "model": name, "config": label, "batch": 1,
+                         "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens,
+                         "decode_tokens_per_s": round(tok_s, 2), "min": round(min(values), 2),
+                         "max": round(max(values), 2), "vs_plain_fp32": round(tok_s / base, 3),
+                         "vs_llama_cpp": round(tok_s / ref, 3) if llama is not None else None, "note": extra})
+            ratio = f"{tok_s / ref:5.2f}x llama.cpp" if llama is not None else ""
+            print(f"{label:<52} {tok_s:7.2f} tok/s ({min(values):.1f}-{max(values):.1f})  {tok_s / base:5.2f}x plain "
+                  f"fp32  {ratio}  {extra}", flush=True)
+        if args.profile:
+            split = profile_step(engines[0].model, ids)
+            total = sum(split.values())
+            print(f"one decode step of the default engine, {threads} thread(s): {total:.1f} ms", flush=True)
+            for kind, ms in split.items():
+                print(f"  {kind:<28} {ms:6.2f} ms  {ms / total:5.1%}", flush=True)
+        for e in engines:
+            e.close()
 
     out = Path(args.out or Path(__file__).parent / "results" / f"cpu-{name}-decode.csv")
     out.parent.mkdir(parents=True, exist_ok=True)

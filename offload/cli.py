@@ -114,6 +114,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emulate-copies", action="store_true",
                    help="cpu: copy each matrix into a cache of the --cache budget as a GPU would (to study the "
                         "cache; slower). By default the cpu reads the weights in place (zero-copy)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="run each decode step of an all-resident plan as one compiled graph (torch.compile; a CUDA "
+                        "graph on cuda): on | off | auto (default: where it measured faster; see benchmarks/README.md)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of each weight shard while it loads")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -148,7 +151,8 @@ def open_engine(args):
             model_dir, weights_dir = None, args.weights_dir or converted(args.model_dir)
     return load(model_dir, weights_dir, cache=args.cache, policy=args.policy, device=args.device, dtype=args.dtype,
                 cache_format=args.cache_format, threads=args.threads, ctx_size=args.ctx_size,
-                verify=not getattr(args, "no_verify", False), emulate_copies=args.emulate_copies)
+                verify=not getattr(args, "no_verify", False), emulate_copies=args.emulate_copies,
+                compile={"on": True, "off": False}.get(args.compile, "auto"))
 
 
 # ---- offload-run ----
@@ -302,9 +306,10 @@ class Chat:
         max_new = min(self.args.max_new_tokens, ctx - n_prompt)
         streamer = TextStreamer(self.engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode(), self.engine.memory_errors():
-            out = self.engine.model.generate(**enc, max_new_tokens=max_new, streamer=streamer,
-                                             stopping_criteria=StoppingCriteriaList([stop] if stop else []),
-                                             pad_token_id=self.engine.tokenizer.pad_token_id, **self.sampling)
+            kwargs = self.engine.add_static_cache(dict(
+                **enc, max_new_tokens=max_new, streamer=streamer, pad_token_id=self.engine.tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([stop] if stop else []), **self.sampling))
+            out = self.engine.model.generate(**kwargs)
         new = out[0, n_prompt:].tolist()
         reply = self.engine.tokenizer.decode(new, skip_special_tokens=True)
         if stop is not None and stop.fired:

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from .attention import choose_attention
 from .cache import POLICIES, DeviceCache, auto_budget, auto_reserve, device_nbytes, parse_budget
+from .compiled import COMPILE_MODES, CompiledDecode
 from .cudart import CudaRuntime
 from .errors import OffloadError
 from .formats import make_format
@@ -92,8 +93,11 @@ class Engine:
 
     def __init__(self, model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None,
                  cache_format="int4", device_memory=None, ctx_size=None, progress=True, verify=True,
-                 emulate_copies=False, fuse=True):
+                 emulate_copies=False, fuse=True, compile="auto"):
         self._closed = True
+        if compile not in COMPILE_MODES:
+            raise OffloadError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        self.compiled, self._compile_option = None, compile
         self._generate_lock = threading.Lock()
         self.device_memory = device_memory
         self.device = resolve_device(device)
@@ -168,7 +172,19 @@ class Engine:
         self.prefetcher.attach(model)  # after the timer's hooks: the first pass's planning is not timed
         if self.device.type == "cuda":
             self.warm_up(progress)
+        if self._compile_wanted(self._compile_option):
+            self.compiled = CompiledDecode(self, progress)
+            self.compiled.install()
         self.reset_stats()
+
+    def _compile_wanted(self, option) -> bool:
+        """compile=True: always; "auto": where it measured faster (benchmarks/README.md, "compiled decode")."""
+        if option != "auto":
+            return bool(option)
+        # Measured on cpu (demo model, 1 thread): a compiled step is slower than the eager one (21.9 vs
+        # 19.0 ms at best: the int4 kernel is 70% of the step, and guard checks plus inductor's wrapper
+        # cost more than the eager Python they replace). Not measured on a GPU yet: off there too.
+        return False
 
     @torch.inference_mode()
     def warm_up(self, progress=True) -> int:
@@ -265,6 +281,8 @@ class Engine:
             raise
         self.cache = plan
         self.prefetcher.restart(plan)
+        if self.compiled is not None:
+            self.compiled.restart()  # new slots: the next all-bound step compiles again
         self.reset_stats()
 
     def _auto_budget(self, sizes, unstreamed_bytes: int) -> int:
@@ -338,6 +356,8 @@ class Engine:
             else self.cache.peak_bytes + self._unstreamed_bytes,
             "rss_bytes": rss, "peak_rss_bytes": max(rss, _peak_rss() or 0),
             "threads": torch.get_num_threads(), "ctx_size": self.ctx_size, "zero_copy": self.zero_copy,
+            "compiled": self.compiled is not None,
+            "compile_seconds": self.compiled.compile_seconds if self.compiled is not None else 0.0,
         }
 
     def memory_plan(self) -> str:
@@ -410,11 +430,21 @@ class Engine:
         texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return texts[0] if _is_single(prompts) else texts
 
+    def add_static_cache(self, kwargs: dict) -> dict:
+        """With the compiled decode step: HF generate `kwargs` get the engine's static KV cache (what makes
+        HF call the compiled step) unless they bring a cache or disable compiling. -> kwargs.
+        Call it under torch.inference_mode(), as generate runs: the cache is reset in place."""
+        if self.compiled is None or kwargs.get("past_key_values") is not None or kwargs.get("disable_compile"):
+            return kwargs
+        ids = kwargs["input_ids"]  # [B, T]
+        kwargs["past_key_values"] = self.compiled.static_cache(ids.shape[0], ids.shape[1] + kwargs["max_new_tokens"])
+        return kwargs
+
     def _generate_locked(self, kwargs):
         with self._generate_lock, torch.inference_mode(), self.memory_errors():
             if self._closed:
                 raise OffloadError("the engine is closed")
-            return self.model.generate(**kwargs)
+            return self.model.generate(**self.add_static_cache(dict(kwargs)))
 
     @contextlib.contextmanager
     def memory_errors(self):
@@ -444,6 +474,8 @@ class Engine:
             return
         self._closed = True
         atexit.unregister(self.close)
+        if self.compiled is not None:
+            self.compiled.uninstall()
         self.prefetcher.close()
         self.store.close()
 
@@ -473,7 +505,7 @@ def _check_chat(messages):
 
 def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dtype=None, cache_format="int4",
          device_memory=None, threads=None, ctx_size=None, progress=True, verify=True, emulate_copies=False,
-         fuse=True) -> Engine:
+         fuse=True, compile="auto") -> Engine:
     """Load an offloaded model.
 
     model_dir: the HF model dir (config; may be None: the weights dir carries a copy).
@@ -491,8 +523,11 @@ def load(model_dir, weights_dir, *, cache="auto", policy="pin", device=None, dty
     emulate_copies: on cpu, copy each matrix into a cache slot of the budget as a GPU would (tests, sweeps);
     by default the cpu computes from the host buffer in place (zero-copy: the budget does not apply).
     fuse: one int4 matrix (one product) for q/k/v and one for gate/up (Llama, Mistral, Qwen2, Gemma families).
+    compile: True = each decode step of an all-resident plan runs as one compiled graph (torch.compile;
+    a CUDA graph on cuda), False = eager, "auto" = where it measured faster. Prefill and streamed plans
+    stay eager; `generate` supplies the static KV cache the compiled step needs.
     """
     set_threads(threads)
     return Engine(model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype,
                   cache_format=cache_format, device_memory=device_memory, ctx_size=ctx_size, progress=progress,
-                  verify=verify, emulate_copies=emulate_copies, fuse=fuse)
+                  verify=verify, emulate_copies=emulate_copies, fuse=fuse, compile=compile)

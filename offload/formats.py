@@ -68,7 +68,7 @@ class CpuInt4Format(Int4Format):
         return cpu_int4.CpuInt4Weight(int4pack, scales_and_zeros, group, entry.shape[1], entry.shape[0])
 
     def linear(self, x: torch.Tensor, data, bias) -> torch.Tensor:
-        return cpu_int4.cpu_int4_linear(x, data, bias)
+        return kernels.cpu_int4_linear(x, data, bias)
 
 
 class Bf16Format:

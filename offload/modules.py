@@ -68,10 +68,10 @@ class Int8Linear(nn.Module):
         self.qweight = nn.Parameter(torch.empty(out_features, kp, dtype=torch.int8, device="meta"), requires_grad=False)
         self.scales = nn.Parameter(torch.empty(out_features, kp // block_size, device="meta"), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
-        self._dense = {}  # where kernels.int8_linear keeps a dequantized copy on paths that use one
+        self._prepared = {}  # what kernels.int8_linear makes once from the weight on cpu (a repack or a dense copy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
-        return kernels.int8_linear(x, self.qweight, self.scales, self.in_features, self.bias, dense=self._dense)
+        return kernels.int8_linear(x, self.qweight, self.scales, self.in_features, self.bias, prepared=self._prepared)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

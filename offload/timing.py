@@ -17,6 +17,7 @@ WARMUP_STEPS = 2  # decode steps left out of the steady figure: kernel compilati
 
 class PassTimer:
     """Times every forward pass of `model`; `before(phase)` / `after(phase)` run around each one.
+    `on_begin`/`on_end` are its hooks, also called directly around a compiled step (offload/compiled.py).
 
     `acc["steady"]` counts the decode steps after the first WARMUP_STEPS since `reset`.
     """
@@ -29,8 +30,8 @@ class PassTimer:
         self._pass = None
         self._pending = deque()  # cuda: (phase, tokens, start event, end event) not read yet, oldest first
         self.reset()
-        self.handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
-                        model.register_forward_hook(self._after, with_kwargs=True)]
+        self.handles = [model.register_forward_pre_hook(self.on_begin, with_kwargs=True),
+                        model.register_forward_hook(self.on_end, with_kwargs=True)]
 
     def reset(self) -> None:
         self._pending.clear()
@@ -63,7 +64,7 @@ class PassTimer:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def _before(self, module, args, kwargs) -> None:
+    def on_begin(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs["inputs_embeds"]
@@ -76,7 +77,7 @@ class PassTimer:
             self.before(phase)
         self._pass = (phase, ids.shape[0] * ids.shape[1], self._mark() if self.cuda else time.perf_counter())
 
-    def _after(self, module, args, kwargs, output) -> None:
+    def on_end(self, module, args, kwargs, output) -> None:
         phase, tokens, start = self._pass
         if self.cuda:
             self._pending.append((phase, tokens, start, self._mark()))

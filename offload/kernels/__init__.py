@@ -5,13 +5,15 @@ prefill (gemm) kernel by the number of activation rows. `int8_linear` serves an 
 projection. Nothing here imports the engine.
 """
 from .dequant import dequantize, dequantize_ref
-from .dispatch import (FORCE_TRITON_ENV, int4_backend, int4_dequantize, int4_linear, int4_linear_ref,
-                       int8_dequantize_ref, int8_linear, int8_linear_ref,                       triton_forced, use_triton)
+from . import ops  # noqa: F401 - registers the offload:: custom ops the compiled decode step calls
+from .dispatch import (FORCE_TRITON_ENV, cpu_int4_linear, int4_backend, int4_dequantize, int4_linear,
+                       int4_linear_ref, int8_dequantize_ref, int8_linear, int8_linear_ref, triton_forced, use_triton)
 from .gemm import fused_gemm, gemm_ref
 from .gemv import fused_gemv, gemv_ref
 
 __all__ = [
     "FORCE_TRITON_ENV",
+    "cpu_int4_linear",
     "dequantize",
     "dequantize_ref",
     "fused_gemm",

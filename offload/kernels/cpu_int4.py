@@ -254,3 +254,16 @@ def cpu_int4_linear(x: torch.Tensor, w: CpuInt4Weight, bias: torch.Tensor | None
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def traced_linear(x: torch.Tensor, w: CpuInt4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`cpu_int4_linear`'s int4-kernel path as plain aten ops, for torch.compile: x [..., K] -> [..., N]."""
+    k, n = w.in_features, w.out_features
+    x2 = x.reshape(-1, k).to(torch.bfloat16)  # [M, K]
+    kc = w.int4pack.shape[1] * 2
+    if kc != k:
+        x2 = F.pad(x2, (0, kc - k))  # [M, Kc]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.int4pack, w.group_size, w.scales_and_zeros)[:, :n]
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import gemm as _gemm
 from . import gemv as _gemv
 from .. import quant
-from . import cpu_int4
+from . import cpu_int4, cpu_int8
 from ._common import INTERPRET
 from .dequant import dequantize, dequantize_ref
 
@@ -65,8 +65,14 @@ def _rows(x, weight, scales, in_features):
     return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
+def _traced(y, bias):
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 def int4_linear(x, packed, scales, in_features, bias=None):
     """x [..., K] @ dequant(packed, scales)[:, :K].T (+ bias) -> [..., N] in x.dtype."""
+    if torch.compiler.is_compiling():  # one opaque node in the graph (kernels/ops.py)
+        return _traced(torch.ops.offload.int4_linear(x, packed, scales, in_features), bias)
     x2 = _rows(x, packed, scales, in_features)  # [M, K]
     lead, n, m = x.shape[:-1], packed.shape[0], x2.shape[0]
     if m == 0:
@@ -86,6 +92,15 @@ def int4_linear(x, packed, scales, in_features, bias=None):
     return out.view(*lead, n)
 
 
+def cpu_int4_linear(x, w, bias=None):
+    """x [..., K] @ W.T (+ bias) -> [..., N] for a weight repacked by cpu_int4.repack_for_cpu."""
+    if torch.compiler.is_compiling():
+        if not w.fast:
+            return int4_linear(x, w.packed, w.scales, w.in_features, bias)
+        return cpu_int4.traced_linear(x, w, bias)
+    return cpu_int4.cpu_int4_linear(x, w, bias)
+
+
 def int4_dequantize(packed, scales, in_features, dtype):
     """(packed uint8 [N, Kp/2], scales [N, Kp/block]) -> dtype [N, K]: the Triton kernel on cuda, else the reference."""
     if use_triton(packed):
@@ -93,27 +108,39 @@ def int4_dequantize(packed, scales, in_features, dtype):
     return quant.dequantize(packed, scales, (packed.shape[0], in_features), dtype)
 
 
-def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24, dense=None):
+def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24, prepared=None):
     """x [..., K] @ (qweight int8 [N, Kp] * block scales)[:, :K].T (+ bias) -> [..., N] in x.dtype.
 
     On the Triton path, M <= 16 (decode; the output projection of a prefill too, since generate keeps
     only the last position's logits) reads the int8 bytes once in the fused kernel; larger M dequantizes
     `chunk_elems` weights at a time into x.dtype for F.linear, so the transient stays small.
-    Elsewhere the weight is dequantized once into x.dtype and kept in `dense` (a dict the caller owns):
-    host RAM is not the scarce memory there, and a dequantize per token made cpu decode ~3x slower.
+    On cpu, `prepared` (a dict the caller owns) keeps what is made once from the weight: with bf16
+    activations the weight repacked for PyTorch's int8 kernel (kernels.cpu_int8), else a copy dequantized
+    into x.dtype (host RAM is not the scarce memory there; a dequantize per token made decode ~3x slower).
+    Without `prepared`, the fp32 reference.
     """
     x2 = _rows(x, qweight, scales, in_features)  # [M, K]
     lead, n, m = x.shape[:-1], qweight.shape[0], x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
     group = qweight.shape[1] // scales.shape[1]
+    bf16_cpu = prepared is not None and x.dtype == torch.bfloat16 and not use_triton(x)
+    if bf16_cpu and "blocks" not in prepared and not torch.compiler.is_compiling() and cpu_int8.cpu_int8_available():
+        prepared["blocks"] = cpu_int8.repack(qweight, scales)  # ([nb, N, block], [nb, N]); by the first eager call
+    fast_cpu = bf16_cpu and "blocks" in prepared
+    if torch.compiler.is_compiling() and (fast_cpu or use_triton(x)):
+        y = cpu_int8.cpu_int8_linear(x2, *prepared["blocks"], in_features) if fast_cpu else \
+            torch.ops.offload.int8_linear(x2, qweight, scales, in_features)
+        return _traced(y, bias).view(*lead, n)
     if not use_triton(x):
-        if dense is None:
+        if prepared is None:
             out = int8_linear_ref(x2, qweight, scales, in_features, bias, chunk_elems)
+        elif fast_cpu:
+            out = _traced(cpu_int8.cpu_int8_linear(x2, *prepared["blocks"], in_features), bias)
         else:
-            if dense.get("w") is None or dense["w"].dtype != x.dtype:
-                dense["w"] = quant.dequantize_int8(qweight, scales, in_features, x.dtype)  # [N, K]
-            out = F.linear(x2, dense["w"], bias.to(x.dtype) if bias is not None else None)
+            if prepared.get("dense") is None or prepared["dense"].dtype != x.dtype:
+                prepared["dense"] = quant.dequantize_int8(qweight, scales, in_features, x.dtype)  # [N, K]
+            out = F.linear(x2, prepared["dense"], bias.to(x.dtype) if bias is not None else None)
     elif m <= _gemv.MAX_M and _gemv.supported_group(group):
         out = _gemv.fused_gemv(x2, qweight, scales, in_features, bias, bits=8)
     else:

@@ -1,0 +1,112 @@
+"""The compiled decode step (offload/compiled.py): one graph with no breaks, the same greedy tokens
+as the eager engine, and eager wherever the plan is not all bound."""
+import shutil
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import offload
+from offload.compiled import MIN_CACHE_LEN, cache_len
+from offload.errors import OffloadError
+from offload.weights import quantize_model
+
+from test_engine import prompt_ids
+
+NEW_TOKENS = 16
+
+
+def greedy(engine, ids):
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                  min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=257)
+    with torch.inference_mode():
+        return engine.model.generate(**engine.add_static_cache(kwargs))
+
+
+@pytest.fixture(scope="module")
+def llama_int8_head(llama, tmp_path_factory):
+    """The tiny Llama with an int8 output projection (resident, the int8 kernel)."""
+    model_dir, _ = llama
+    root = tmp_path_factory.mktemp("int8-head")
+    shutil.copytree(model_dir, root / "model")
+    quantize_model(root / "model", root / "w", force=True, progress=False, method="absmax", lm_head="int8")
+    return root / "model", root / "w"
+
+
+def test_cache_len_buckets():
+    assert cache_len(1, None) == MIN_CACHE_LEN
+    assert cache_len(MIN_CACHE_LEN + 1, None) == 2 * MIN_CACHE_LEN
+    assert cache_len(1000, 512) == 1000  # past the model's context: never shorter than needed
+    assert cache_len(300, 400) == 400
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "int8-head", "triton"])
+def test_decode_step_compiles_without_graph_breaks(models, llama_int8_head, kind, monkeypatch):
+    # "triton": the cuda path's products (the Triton launchers as the offload:: custom ops), selected on
+    # cpu tensors by OFFLOAD_FORCE_TRITON under the interpreter, with the int8 head on its Triton kernel
+    model_dir, weights_dir = llama_int8_head if kind in ("int8-head", "triton") else models[kind]
+    if kind == "triton":
+        monkeypatch.setenv("OFFLOAD_FORCE_TRITON", "1")
+    dtype = torch.float32 if kind == "triton" else torch.bfloat16  # the interpreter computes bf16 wrongly
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=dtype, progress=False,
+                      compile=False) as engine, torch.inference_mode():
+        model, ids = engine.model, prompt_ids("cpu")
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # eager prefill
+        pos = torch.tensor([ids.shape[1]])
+        embeds = model.get_input_embeddings()(logits[:, -1:].argmax(-1))  # [1, 1, D]
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model.forward)(inputs_embeds=embeds, past_key_values=cache,
+                                                         position_ids=pos[None], cache_position=pos, use_cache=True)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    kernels = {"int8-head": ["aten._weight_int8pack_mm"], "triton": ["offload.int4_linear", "offload.int8_linear"]}
+    for kernel in kernels.get(kind, ["aten._weight_int4pack_mm_for_cpu"]):
+        assert any(kernel in op for op in ops), (kernel, sorted(ops))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_compiled_generate_matches_eager(models, kind):
+    model_dir, weights_dir = models[kind]
+    ids = prompt_ids("cpu")
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.bfloat16, progress=False,
+                      compile=False) as engine:
+        assert engine.compiled is None and not engine.stats["compiled"]
+        expected = greedy(engine, ids)
+    torch._dynamo.reset()
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.bfloat16, progress=False,
+                      compile=True) as engine:
+        assert torch.equal(greedy(engine, ids), expected)
+        first = engine.stats
+        assert first["compiled"] and first["compile_seconds"] > 0
+        assert first["decode_tokens"] == NEW_TOKENS - 2  # the step that compiled is left out of the figures
+        engine.reset_stats()
+        assert torch.equal(greedy(engine, ids), expected)  # the graph is reused: nothing compiles again
+        again = engine.stats
+        assert again["compile_seconds"] == first["compile_seconds"]
+        assert again["decode_tokens"] == NEW_TOKENS - 1
+        # every product still counted: each matrix once per pass
+        passes = NEW_TOKENS
+        assert again["cache_hits"] == passes * len(engine.store.entries)
+        text = engine.generate("hi", max_new_tokens=4)  # engine.generate supplies the static cache itself
+        assert isinstance(text, str)
+
+
+def test_streamed_plan_stays_eager(models):
+    # copies through a quarter-size cache: matrices stream, nothing is bound for good, so no graph
+    model_dir, weights_dir = models["llama"]
+    ids = prompt_ids("cpu")
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.bfloat16, progress=False,
+                      compile=False) as engine:
+        expected = greedy(engine, ids)
+    with offload.load(model_dir, weights_dir, cache="25%", device="cpu", dtype=torch.bfloat16, progress=False,
+                      emulate_copies=True, compile=True) as engine:
+        assert torch.equal(greedy(engine, ids), expected)
+        assert engine.stats["compile_seconds"] == 0 and engine.stats["cache_misses"] > 0
+
+
+def test_compile_option_is_checked(models):
+    model_dir, weights_dir = models["llama"]
+    with pytest.raises(OffloadError, match="compile must be one of"):
+        offload.load(model_dir, weights_dir, progress=False, compile="yes")
