@@ -45,6 +45,30 @@ def test_default_config_is_the_first_the_prune_keeps_and_is_chosen_once():
     assert grid == "grid" and args == (x, 3, 4) and kwargs["num_stages"] == 3 and kwargs["num_warps"] == 4
 
 
+def test_config_for_a_direct_launch(monkeypatch):
+    # The config gemv's launch plans launch with: the default one without running anything, or under
+    # OFFLOAD_AUTOTUNE=1 the autotuner's pick after its launcher ran once (benchmark, then launch).
+    kernel = FakeKernel()
+    configs = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=2) for b in (256, 64)]
+    tuner = _common.PerArchAutotuner(kernel, ["M_KEY"], lambda family: configs,
+                                     lambda cfgs, limit, named, kwargs: cfgs[1:], configs[0])
+    x = torch.zeros(2)
+
+    class FakeAutotuner:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                kernel.launches.append((grid, args, kwargs))
+                self.best_config = configs[0]
+            return launch
+
+    monkeypatch.setattr(tuner, "for_device", lambda device: DefaultConfig(kernel, ["M_KEY"], configs,
+                                                                          lambda cfgs, named, kwargs: cfgs[1:]))
+    assert tuner.config(torch.device("cpu"), "grid", (x, 3, 4), {}) is configs[1] and not kernel.launches
+    monkeypatch.setattr(tuner, "for_device", lambda device: FakeAutotuner())
+    assert tuner.config(torch.device("cpu"), "grid", (x, 3, 4), {"C": 1}) is configs[0]
+    assert kernel.launches == [("grid", (x, 3, 4), {"C": 1})]
+
+
 def test_prefill_buckets_are_coarse():
     assert [prefill_bucket(m) for m in (1, 16, 17, 64, 65, 256, 257, 4096)] == [16, 16, 64, 64, 256, 256, 1 << 20,
                                                                                1 << 20]

@@ -110,18 +110,26 @@ class DefaultConfig:
         self.fn, self.key, self.configs, self.prune = fn, key, configs, prune
         self.chosen = {}  # the autotune key's values + arg dtypes -> config
 
+    def choose(self, args, kwargs):
+        named = dict(zip(self.fn.arg_names, args))
+        values = {**named, **kwargs}
+        key = tuple(values[k] for k in self.key) + tuple(str(a.dtype) for a in args if hasattr(a, "dtype"))
+        config = self.chosen.get(key)
+        if config is None:
+            config = self.chosen[key] = self.prune(self.configs, named, kwargs)[0]
+        return config
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            named = dict(zip(self.fn.arg_names, args))
-            values = {**named, **kwargs}
-            key = tuple(values[k] for k in self.key) + tuple(str(a.dtype) for a in args if hasattr(a, "dtype"))
-            config = self.chosen.get(key)
-            if config is None:
-                config = self.chosen[key] = self.prune(self.configs, named, kwargs)[0]
-            launch_kwargs = config.all_kwargs() if hasattr(config, "all_kwargs") else {  # Triton < 3.0
-                **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-            return self.fn[grid](*args, **kwargs, **launch_kwargs)
+            return self.fn[grid](*args, **kwargs, **launch_kwargs(self.choose(args, kwargs)))
         return launch
+
+
+def launch_kwargs(config) -> dict:
+    """A config's constexprs, num_warps and num_stages: the keyword arguments of a JIT launch."""
+    if hasattr(config, "all_kwargs"):
+        return config.all_kwargs()
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}  # Triton < 3.0
 
 
 class PerArchAutotuner:
@@ -159,6 +167,15 @@ class PerArchAutotuner:
             self._tuned[(family, limit, tune)] = launcher
         return self._tuned[(family, limit, tune)]
 
+    def config(self, device: torch.device, grid, args, kwargs):
+        """The config that fn[grid](*args, **kwargs) on `device` takes, for a caller that then launches fn
+        directly. With OFFLOAD_AUTOTUNE=1 this benchmarks the kept configs (once per key): it runs the kernel."""
+        launcher = self.for_device(device)
+        if isinstance(launcher, DefaultConfig):
+            return launcher.choose(args, kwargs)
+        launcher[grid](*args, **kwargs)
+        return launcher.best_config
+
 
 def _autotune(configs, key, early_prune):
     """triton.autotune with its on-disk cache of results where this Triton has one (cache_results)."""
@@ -169,8 +186,8 @@ def _autotune(configs, key, early_prune):
         return triton.autotune(**options)
 
 
-def check_launch(x, packed, scales, in_features, out, supported_group, bits=4):
-    """Validate a fused launch; -> (M, N, number of scale blocks, block size, out [M, N])."""
+def check_launch(x, packed, scales, in_features, supported_group, bits=4):
+    """Validate a fused launch; -> (M, N, number of scale blocks, block size)."""
     m, k = x.shape
     n, n_groups = packed.shape[0], scales.shape[1]
     group = packed.shape[1] * (8 // bits) // n_groups
@@ -178,8 +195,13 @@ def check_launch(x, packed, scales, in_features, out, supported_group, bits=4):
         raise ValueError("x must be [M, in_features]; x, packed and scales contiguous along K")
     if not supported_group(group) or n_groups * group < k:
         raise ValueError(f"unsupported block size {group} for K={k}")
+    return m, n, n_groups, group
+
+
+def output(out, m, n, x):
+    """The [M, N] result tensor of a launch with activations x: `out` after checking it, or a new one."""
     if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
+        return torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
         raise ValueError(f"out must be {x.dtype} [{m}, {n}] with unit column stride")
-    return m, n, n_groups, group, out
+    return out

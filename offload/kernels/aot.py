@@ -45,28 +45,23 @@ def _variants(arch):
     dot = {"DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"}
 
     sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
-           "ws_ptr": "*fp32"}
+           "ws_ptr": "*fp32", "count_ptr": "*i32"}
     ints = ["M", "N", "K", "n_groups", "groups_per_split", "stride_xm", "stride_wn", "stride_sn", "stride_om",
             "M_KEY", "N_KEY", "K_KEY"]
-    aligned = ["x_ptr", "w_ptr", "s_ptr", "bias_ptr", "out_ptr", "ws_ptr", "K", "stride_xm", "stride_wn",
-               "stride_om"]
-    for bits, (use_dot, block_m) in itertools.product((4, 8), [(False, 1), (False, 2), (True, 16)]):
-        consts = {"GROUP": GROUP, "BLOCK_M": block_m, "USE_DOT": use_dot, "HAS_BIAS": True, "TO_WORKSPACE": False,
+    aligned = ["x_ptr", "w_ptr", "s_ptr", "bias_ptr", "out_ptr", "ws_ptr", "count_ptr", "K", "stride_xm",
+               "stride_wn", "stride_om"]
+    for bits, (use_dot, block_m), split_k in itertools.product((4, 8), [(False, 1), (False, 2), (True, 16)],
+                                                               (False, True)):
+        consts = {"GROUP": GROUP, "BLOCK_M": block_m, "USE_DOT": use_dot, "HAS_BIAS": True, "SPLIT_K": split_k,
                   "INT8": bits == 8, **dot}
         configs = gemv._configs(family)
         kept = gemv._prune(configs, limit, x_like, consts)
-        name = f"gemv[M<={block_m}]" if bits == 4 else f"gemv-int8[M<={block_m}]"
+        name = f"gemv{'' if bits == 4 else '-int8'}{'-splitk' if split_k else ''}[M<={block_m}]"
         for cfg in configs:
             yield (name, gemv._gemv_kernel, {**sig, "w_ptr": "*u8" if bits == 4 else "*i8",
                                              **dict.fromkeys(ints, "i32")},
                    {**consts, **cfg.kwargs}, aligned, cfg, cfg in kept,
                    gemv.smem_estimate(cfg, GROUP, block_m, 2, use_dot, bits))
-
-    reduce_sig = {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
-                  "SPLIT": "i32", "stride_om": "i32"}
-    yield ("splitk_reduce", gemv._splitk_reduce_kernel, reduce_sig, {"HAS_BIAS": True, "BLOCK": 1024},
-           ["ws_ptr", "bias_ptr", "out_ptr", "N", "stride_om"], triton.Config({}, num_warps=4, num_stages=1),
-           True, 0)
 
     sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     ints = ["M", "N", "K", "Kp", "stride_xm", "stride_wn", "stride_sn", "stride_om", "M_KEY", "N_KEY", "K_KEY"]

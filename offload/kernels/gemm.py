@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import quant
-from ._common import (PerArchAutotuner, bucket, check_launch, dot_dtype, prefill_bucket, prune_by_smem,
+from ._common import (PerArchAutotuner, bucket, check_launch, dot_dtype, output, prefill_bucket, prune_by_smem,
                       unpack_nibbles_f32)
 
 
@@ -114,7 +114,8 @@ def supported_group(group: int) -> bool:
 
 def fused_gemm(x, packed, scales, in_features, bias=None, out=None):
     """Fused prefill: x [M, K] @ dequant(packed, scales).T (+ bias) -> out [M, N] in x.dtype."""
-    m, n, n_groups, group, out = check_launch(x, packed, scales, in_features, out, supported_group)
+    m, n, n_groups, group = check_launch(x, packed, scales, in_features, supported_group)
+    out = output(out, m, n, x)
     k = in_features
     dtype, precision = dot_dtype(x.dtype)
 

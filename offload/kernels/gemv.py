@@ -7,22 +7,29 @@ Shapes and dtypes:
   scales  bf16  [N, Kp // GROUP]      GROUP a power of two >= 32
   bias    any float [N] or None
   out     x.dtype [M, N]
-  ws      fp32 [SPLIT, M, N]          split-K partial sums, only when SPLIT > 1
+  ws      fp32 [SPLIT, M, N]          split-K partial sums (a device-wide buffer, used when SPLIT > 1)
+  counts  int32 [N tiles]             split-K arrivals per N tile, zero between launches
 
 Decode is memory-bound, so the kernel is built around reading each weight byte exactly once:
 all M rows live in one program (BLOCK_M >= M), each program walks whole scale blocks of its
 K range, multiplies the block's partial sums by the block's scale once, and accumulates in fp32.
-When there are too few N tiles to fill the GPU, the K range is split and fp32 partials go to a
-workspace that a second small kernel reduces (deterministic, no atomics).
+When there are too few N tiles to fill the GPU, the K range is split across programs of the same
+launch: each stores its fp32 partial to the workspace and counts itself in with an int32 atomic; the
+last of an N tile's programs sums the partials in split order (deterministic, no float atomics) and
+writes the output.
 The int8 variant (INT8 constexpr) is the same loop over scale blocks with a byte per weight.
+
+Decode on a GPU is bound by host time per call as much as by the kernel, so everything that depends
+only on the shapes (grid, split, config) is computed once per weight shape and M (`GemvLaunch`): a call
+is a dict lookup and the launch.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .. import quant
-from ._common import (PerArchAutotuner, bucket, check_launch, dot_dtype, next_pow2, prune_by_smem, sm_count,
-                      unpack_nibbles_f32)
+from ._common import (PerArchAutotuner, bucket, check_launch, dot_dtype, launch_kwargs, next_pow2, output,
+                      prune_by_smem, sm_count, unpack_nibbles_f32)
 
 MAX_M = 16
 # Rows at or below this use CUDA-core FMAs; above it tl.dot with BLOCK_M = 16. FMAs cost one
@@ -32,13 +39,13 @@ FMA_MAX_M = 2
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr,
-    M, N, K, n_groups, groups_per_split,
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
     stride_xm, stride_wn, stride_sn, stride_om,
+    M, N, K, n_groups, groups_per_split,
     M_KEY, N_KEY, K_KEY,  # bucketed sizes, used only as the autotune key
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_BIAS: tl.constexpr, TO_WORKSPACE: tl.constexpr, STAGES: tl.constexpr, INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, INT8: tl.constexpr,
 ):
     HALF: tl.constexpr = GROUP // 2
     pid_n = tl.program_id(0)
@@ -89,31 +96,36 @@ def _gemv_kernel(
         s = tl.load(s_ptrs + g, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
         acc += part * s[None, :]  # the block's scale, once per block and output
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if TO_WORKSPACE:
-        ws_ptrs = ws_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptrs, acc, mask=out_mask)
+    if SPLIT_K:
+        # Split-K in one launch: every program of the n tile stores its fp32 partial, and the last one to
+        # arrive sums all of them in split order (deterministic), writes the output and zeroes the counter
+        # for the next launch. ws and the counters are shared by all launches: see _Scratch.
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]  # split s's [BM, BN] tile at + s * M * N
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        tl.store(ws_ptrs + pid_k * M * N, acc, mask=out_mask)
+        # Triton issues a scalar atomic from one thread: the barrier orders every thread's stores before
+        # its release. Its result reaches the other threads through shared memory behind a barrier, so
+        # their loads below come after the acquire (the pattern of CUTLASS's split-K semaphore).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")  # this tile's earlier programs
+        if arrived == tl.num_programs(1) - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in range(tl.num_programs(1)):
+                # .cg: read at L2, where the other SMs' stores are, not a stale line of this SM's L1.
+                acc += tl.load(ws_ptrs + split * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(count_ptr + pid_n, 0)
+            _store_out(acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS)
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store_out(acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS)
 
 
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, SPLIT, stride_om,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """ws fp32 [SPLIT, M, N] -> out [M, N] = sum over SPLIT (+ bias), cast to out's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT):
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
-    m = offs // N
-    n = offs % N
+def _store_out(acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS: tl.constexpr):
+    # acc fp32 [BLOCK_M, BLOCK_N] (+ bias) -> out [rows offs_m, columns offs_n] in out's dtype
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _configs(family):
@@ -173,49 +185,94 @@ def auto_split_k(n: int, n_groups: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(4 * sms, tiles), n_groups // 2))
 
 
+MIN_BLOCK_N = 16  # no config has narrower tiles: the split-K counters are sized with it
+
+
+class _Scratch:
+    """The split-K workspace and arrival counters of one device, shared by every gemv launch on it.
+
+    Sharing is safe while those launches go to one CUDA stream (the engine computes on one stream): they
+    run one after another, and each leaves the counters at zero. Grown when a new plan needs more, so
+    a decode call allocates nothing here.
+    """
+
+    def __init__(self, device: torch.device):
+        self.ws = torch.empty(1, dtype=torch.float32, device=device)  # fp32 [SPLIT, M, N] of the launch
+        self.counts = torch.zeros(1, dtype=torch.int32, device=device)  # int32 [n tiles], zero between launches
+
+    def reserve(self, ws_numel: int, n_counts: int):
+        if self.ws.numel() < ws_numel:
+            self.ws = torch.empty(ws_numel, dtype=torch.float32, device=self.ws.device)
+        if self.counts.numel() < n_counts:
+            self.counts = torch.zeros(n_counts, dtype=torch.int32, device=self.counts.device)
+
+
+_scratch = {}  # device -> _Scratch
+
+
+class GemvLaunch:
+    """The launch parameters of one weight shape, M, activation dtype, bias or not, split and device,
+    computed once: grid, split, sizes and the config's constexprs, num_warps and num_stages.
+
+    Building one validates the arguments and picks the config (with OFFLOAD_AUTOTUNE=1 the tuned one,
+    which benchmarks once per autotune key); then a call only looks the plan up and launches.
+    """
+
+    def __init__(self, x, packed, scales, in_features, bias, split_k, bits):
+        if not 1 <= x.shape[0] <= MAX_M:
+            raise ValueError(f"gemv handles 1..{MAX_M} rows, got {x.shape[0]}")
+        if (bits, packed.dtype) not in ((4, torch.uint8), (8, torch.int8)):
+            raise ValueError(f"bits={bits} does not match a {packed.dtype} weight")
+        m, n, n_groups, group = check_launch(x, packed, scales, in_features, supported_group, bits)
+        split = split_k or auto_split_k(n, n_groups, x.device)
+        groups_per_split = triton.cdiv(n_groups, max(1, min(split, n_groups)))
+        split = triton.cdiv(n_groups, groups_per_split)  # no empty splits
+        self.m, self.n, self.split = m, n, split
+        self.sizes = (m, n, in_features, n_groups, groups_per_split, bucket(m), bucket(n), bucket(in_features))
+        if x.device not in _scratch:
+            _scratch[x.device] = _Scratch(x.device)
+        self.scratch = _scratch[x.device]
+        if split > 1:  # unsplit launches neither read nor write the scratch buffers
+            self.scratch.reserve(split * m * n, triton.cdiv(n, MIN_BLOCK_N))
+
+        use_dot = m > FMA_MAX_M
+        dtype, precision = dot_dtype(x.dtype)
+        constexprs = dict(GROUP=group, BLOCK_M=16 if use_dot else next_pow2(m), USE_DOT=use_dot, DOT_DTYPE=dtype,
+                          DOT_PRECISION=precision, HAS_BIAS=bias is not None, SPLIT_K=split > 1, INT8=bits == 8)
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # written only by an autotune run
+        args = (x, packed, scales, bias if bias is not None else out, out, self.scratch.ws, self.scratch.counts,
+                x.stride(0), packed.stride(0), scales.stride(0), out.stride(0), *self.sizes)
+        config = _tuner.config(x.device, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), args, constexprs)
+        self.meta = {**constexprs, **launch_kwargs(config)}
+        self.grid = (triton.cdiv(n, config.kwargs["BLOCK_N"]), split)
+
+
+_plans = {}  # what a GemvLaunch depends on -> the GemvLaunch
+
+
 def fused_gemv(x, packed, scales, in_features, bias=None, out=None, split_k=None, bits=4):
     """Fused decode: x [M<=16, K] @ dequant(packed, scales).T (+ bias) -> out [M, N] in x.dtype.
 
     bits: 4 (packed uint8 [N, Kp/2]) or 8 (int8 [N, Kp]). split_k (None: chosen from N and the SM
-    count) splits the scale blocks of K across programs.
+    count) splits the scale blocks of K across programs of the same launch.
     """
-    if not 1 <= x.shape[0] <= MAX_M:
-        raise ValueError(f"gemv handles 1..{MAX_M} rows, got {x.shape[0]}")
-    if (bits, packed.dtype) not in ((4, torch.uint8), (8, torch.int8)):
-        raise ValueError(f"bits={bits} does not match a {packed.dtype} weight")
-    m, n, n_groups, group, out = check_launch(x, packed, scales, in_features, out, supported_group, bits)
-    k = in_features
-
-    split = split_k or auto_split_k(n, n_groups, x.device)
-    groups_per_split = triton.cdiv(n_groups, max(1, min(split, n_groups)))
-    split = triton.cdiv(n_groups, groups_per_split)  # no empty splits
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    use_dot = m > FMA_MAX_M
-    dtype, precision = dot_dtype(x.dtype)
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), split)
-
-    _tuner.for_device(x.device)[grid](
-        x, packed, scales, bias if bias is not None else out, out, ws,
-        m, n, k, n_groups, groups_per_split,
-        x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
-        bucket(m), bucket(n), bucket(k),
-        GROUP=group, BLOCK_M=16 if use_dot else next_pow2(m), USE_DOT=use_dot,
-        DOT_DTYPE=dtype, DOT_PRECISION=precision, HAS_BIAS=bias is not None, TO_WORKSPACE=split > 1,
-        INT8=bits == 8)
-    if split > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            ws, bias if bias is not None else out, out, m, n, split, out.stride(0),
-            HAS_BIAS=bias is not None, BLOCK=block)
+    key = (x.shape, x.stride(1), x.dtype, x.device, packed.shape, packed.stride(1), packed.dtype,
+           scales.shape, scales.stride(1), in_features, bias is not None, split_k, bits)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = GemvLaunch(x, packed, scales, in_features, bias, split_k, bits)
+    out = output(out, plan.m, plan.n, x)
+    scratch = plan.scratch
+    _gemv_kernel[plan.grid](
+        x, packed, scales, bias if bias is not None else out, out, scratch.ws, scratch.counts,
+        x.stride(0), packed.stride(0), scales.stride(0), out.stride(0), *plan.sizes, **plan.meta)
     return out
 
 
-def gemv_ref(x, packed, scales, in_features, bias=None):
+def gemv_ref(x, packed, scales, in_features, bias=None, bits=4):
     """Pure torch, the kernel's arithmetic: per scale block, fp32 (x_block @ q_block.T) * scale, summed."""
     n, n_groups = packed.shape[0], scales.shape[1]
-    q = quant.unpack_nibbles(packed).float()  # [N, Kp]
+    q = (quant.unpack_nibbles(packed) if bits == 4 else packed).float()  # [N, Kp]
     kp = q.shape[1]
     xf = torch.nn.functional.pad(x.float(), (0, kp - in_features))  # [M, Kp]
     parts = torch.einsum("mgc,ngc->gmn", xf.view(x.shape[0], n_groups, -1), q.view(n, n_groups, -1))
