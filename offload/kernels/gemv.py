@@ -199,11 +199,16 @@ class _Scratch:
     def __init__(self, device: torch.device):
         self.ws = torch.empty(1, dtype=torch.float32, device=device)  # fp32 [SPLIT, M, N] of the launch
         self.counts = torch.zeros(1, dtype=torch.int32, device=device)  # int32 [n tiles], zero between launches
+        self.retired = []  # the buffers these replaced
 
     def reserve(self, ws_numel: int, n_counts: int):
+        # A buffer that is replaced stays allocated: a captured CUDA graph (the compiled decode step) keeps
+        # launching with the address it was captured with.
         if self.ws.numel() < ws_numel:
+            self.retired.append(self.ws)
             self.ws = torch.empty(ws_numel, dtype=torch.float32, device=self.ws.device)
         if self.counts.numel() < n_counts:
+            self.retired.append(self.counts)
             self.counts = torch.zeros(n_counts, dtype=torch.int32, device=self.counts.device)
 
 
