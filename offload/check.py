@@ -220,6 +220,40 @@ def check_engine(device: torch.device, new_tokens: int = 16) -> dict:
             "host_copy": stats.get("host_copy")}
 
 
+def check_compiled(device: torch.device, new_tokens: int = 32) -> dict:
+    """The tiny model all resident, eager and with the compiled decode step (a CUDA graph on cuda): greedy
+    tokens must be equal; the decode rates of both say whether `--compile auto` turns it on here."""
+    from .engine import load
+    with tempfile.TemporaryDirectory(prefix="offload-check-") as tmp:
+        model_dir, weights_dir = _tiny_model(Path(tmp))
+        ids = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(2)).to(device)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                      pad_token_id=511)
+        out = {}
+        for compiled in (False, True):
+            with load(model_dir, weights_dir, cache="full", device=device, dtype=torch.float32, progress=False,
+                      compile=compiled) as engine, torch.inference_mode():
+                for _ in range(2):  # the first call records the order, fills the cache, compiles
+                    engine.reset_stats()
+                    tokens = engine.model.generate(**engine.add_static_cache(dict(kwargs)))[0, ids.shape[1]:].tolist()
+                out[compiled] = (tokens, engine.stats["decode_tokens_per_s"], engine.stats["compile_seconds"])
+    (eager, eager_rate, _), (got, rate, seconds) = out[False], out[True]
+    return {"ok": got == eager, "tokens": got, "eager_tokens": eager, "eager_tokens_per_s": eager_rate,
+            "compiled_tokens_per_s": rate, "compile_seconds": seconds, "faster": rate > eager_rate}
+
+
+def last_check(device: torch.device) -> dict | None:
+    """The last offload-check's result on this GPU (same device name), or None."""
+    try:
+        data = json.loads((cache_dir() / CHECK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if device.type != "cuda" or data.get("info", {}).get("name") != torch.cuda.get_device_name(device):
+        return None
+    return data
+
+
 # ---- the whole check ----
 def run_check(device=None, shapes=SHAPES_32B, reps=REPS, log=print) -> dict:
     """Every check for `device` (default: cuda if available): a JSON-able dict with an overall verdict."""
@@ -251,8 +285,16 @@ def run_check(device=None, shapes=SHAPES_32B, reps=REPS, log=print) -> dict:
     result["engine"] = check_engine(device)
     log(f"engine: {'greedy tokens equal the reference' if result['engine']['ok'] else 'TOKENS DIFFER'} "
         f"(tiny model, pin, cache 50%, fp32)")
+    if gpu:  # on cpu the tests check it; it compiles for tens of seconds
+        c = result["compiled"] = check_compiled(device)
+        log(f"compiled decode step: {'greedy tokens equal eager' if c['ok'] else 'TOKENS DIFFER'}, "
+            f"{c['compiled_tokens_per_s']:.1f} vs {c['eager_tokens_per_s']:.1f} tok/s eager (compiled in "
+            f"{c['compile_seconds']:.0f} s): --compile auto is {'on' if c['ok'] and c['faster'] else 'off'} here")
+    else:
+        result["skipped"].append("compiled decode step (cpu: covered by the tests)")
     bad = [f"{r['kernel']} {r['matrix']} M={r['m']}" for r in kernels if not r["ok"]]
     bad += [] if result["engine"]["ok"] else ["engine tokens"]
+    bad += [] if result.get("compiled", {"ok": True})["ok"] else ["compiled decode tokens"]
     result["ok"] = not bad
     skipped = f"; skipped: {', '.join(result['skipped'])}" if result["skipped"] else ""
     passed = f"{len(kernels)} kernel checks and the engine check" if kernels else "the engine check"
@@ -275,14 +317,8 @@ def write_json(path: Path, data: dict) -> None:
 
 def last_copy_rates(device: torch.device) -> dict | None:
     """The copy figures of the last offload-check on this device (same device name), or None."""
-    path = cache_dir() / CHECK_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if device.type != "cuda" or data.get("info", {}).get("name") != torch.cuda.get_device_name(device):
-        return None
-    return data.get("copies")
+    data = last_check(device)
+    return data.get("copies") if data is not None else None
 
 
 def main(argv=None) -> int:

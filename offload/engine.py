@@ -181,10 +181,14 @@ class Engine:
         """compile=True: always; "auto": where it measured faster (benchmarks/README.md, "compiled decode")."""
         if option != "auto":
             return bool(option)
-        # Measured on cpu (demo model, 1 thread): a compiled step is slower than the eager one (21.9 vs
-        # 19.0 ms at best: the int4 kernel is 70% of the step, and guard checks plus inductor's wrapper
-        # cost more than the eager Python they replace). Not measured on a GPU yet: off there too.
-        return False
+        # cpu: measured slower than eager on the demo model (benchmarks/README.md, "compiled decode step"):
+        # the int4 kernel is most of the step, and guard checks plus inductor's wrapper cost more than the
+        # eager Python they replace. cuda: on where this GPU's last offload-check measured it faster.
+        if self.device.type != "cuda":
+            return False
+        from .check import last_check
+        compiled = (last_check(self.device) or {}).get("compiled") or {}
+        return bool(compiled.get("ok") and compiled.get("faster"))
 
     @torch.inference_mode()
     def warm_up(self, progress=True) -> int:

@@ -101,3 +101,23 @@ def test_last_copy_rates_come_from_the_check_file(tmp_path, monkeypatch):
     assert check.last_copy_rates(torch.device("cuda", 0)) == rates
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Y")
     assert check.last_copy_rates(torch.device("cuda", 0)) is None  # another card's figures are not used
+
+
+def test_compiled_check_compares_the_compiled_step_with_eager(monkeypatch):
+    # run by offload-check on a GPU only (compiling is slow); its logic is the same on cpu
+    torch._dynamo.reset()
+    result = check.check_compiled(torch.device("cpu"), new_tokens=8)
+    assert result["ok"] and result["tokens"] == result["eager_tokens"] and len(result["tokens"]) == 8
+    assert result["compile_seconds"] > 0 and result["compiled_tokens_per_s"] > 0 and result["eager_tokens_per_s"] > 0
+    assert result["faster"] == (result["compiled_tokens_per_s"] > result["eager_tokens_per_s"])
+    # a compiled step that computes something else is caught
+    from offload.compiled import CompiledDecode
+    real = CompiledDecode.__call__
+
+    def wrong(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        out.logits[..., 3] += 1e4  # token 3 wins every compiled step
+        return out
+    monkeypatch.setattr(CompiledDecode, "__call__", wrong)
+    torch._dynamo.reset()
+    assert not check.check_compiled(torch.device("cpu"), new_tokens=8)["ok"]
