@@ -6,13 +6,14 @@ registered as the torch op `offload_native::int4_mm`, with a fake implementation
 as one node. It serves M <= MAX_M rows of x; more rows (prefill) dequantize into fp32 and use BLAS.
 
 Built with torch.utils.cpp_extension (-O3 -march=native) into <offload cache>/ext/<key>, key = hash of the
-source, torch version and cpu flags. Without a compiler, on a cpu without AVX2/FMA, or with
-OFFLOAD_CPU_KERNEL=torch, `available()` is False (one warning line when the build failed) and the engine
-keeps PyTorch's int4 op (offload.kernels.cpu_int4).
+source, torch version and cpu flags. Without a compiler or on a cpu without AVX2/FMA (one warning line), or
+with OFFLOAD_CPU_KERNEL=torch, `available()` is False and the engine keeps PyTorch's int4 op
+(offload.kernels.cpu_int4).
 """
 import functools
 import hashlib
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -31,6 +32,7 @@ CHUNK = 64  # columns per 32 bytes of weight
 PACKED_ZERO = 0x88  # two nibbles of q = 0
 MAX_M = 8  # rows of x up to which the kernel beats dequantize + BLAS (see benchmarks/bench_cpu_int4.py)
 REQUIRED_FLAGS = ("avx2", "fma")
+NAME = "offload_native"  # the library, and the namespace of its op
 
 
 def cpu_flags() -> set[str]:
@@ -50,45 +52,53 @@ def _build_dir(flags: set[str]) -> Path:
 
 
 def _build() -> None:
-    """Compile (once per key) and load the library; raises whatever the build raises."""
+    """Compile (once per key) and load the library; raises what cpp_extension raises on a failed build."""
     from torch.utils import cpp_extension
-    flags = cpu_flags()
-    build_dir = _build_dir(flags)
+    build_dir = _build_dir(cpu_flags())
     build_dir.mkdir(parents=True, exist_ok=True)
-    name = "offload_native"
-    fresh = not (build_dir / f"{name}.so").exists()
+    fresh = not (build_dir / f"{NAME}.so").exists()
     if fresh:
         print("offload: building the cpu kernel (once, ~30 s)", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir), is_python_module=False,
+    cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(build_dir), is_python_module=False,
                        extra_cflags=["-O3", "-march=native"], verbose=False)
     if fresh:
         print(f"offload: built the cpu kernel in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
-    @torch.library.register_fake("offload_native::int4_mm")
-    def _(x, w, scales, in_features):
-        return x.new_empty(x.shape[0], w.shape[0])
-
 
 @functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """True when the native kernel is wanted (OFFLOAD_CPU_KERNEL), the cpu has AVX2+FMA and the build loads."""
-    choice = os.environ.get(ENV, "native")
-    if choice not in ("native", "torch"):
-        raise ValueError(f"{ENV}={choice!r}: choose native or torch")
-    if choice == "torch":
-        return False
+def _loaded() -> bool:
+    """Build and load the kernel once per process; False (with one warning) where it cannot run."""
     missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
     if missing:
+        warnings.warn(f"offload: no native cpu kernel (the cpu lacks {', '.join(missing)}); using PyTorch's int4 op",
+                      RuntimeWarning, stacklevel=3)
         return False
     try:
         _build()
-    except (OSError, RuntimeError, ImportError, SystemExit) as e:  # cpp_extension reports a failed build as these
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:  # no compiler, no ninja, ...
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         warnings.warn(f"offload: the native cpu kernel did not build ({first}); using PyTorch's int4 op",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
         return False
+    _register_fake()
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _register_fake() -> None:
+    """Shapes for torch.compile's tracing (once per process: a second registration is an error)."""
+    @torch.library.register_fake(f"{NAME}::int4_mm")
+    def _(x, w, scales, in_features):
+        return x.new_empty(x.shape[0], w.shape[0])  # [M, N] in x.dtype
+
+
+def available() -> bool:
+    """True when the native kernel is wanted (OFFLOAD_CPU_KERNEL) and runs here (AVX2 + FMA, and it built)."""
+    choice = os.environ.get(ENV, "native")
+    if choice not in ("native", "torch"):
+        raise ValueError(f"{ENV}={choice!r}: choose native or torch")
+    return choice == "native" and _loaded()
 
 
 @functools.lru_cache(maxsize=None)
