@@ -178,13 +178,15 @@ def native_int4_linear(x: torch.Tensor, w: NativeInt4Weight, bias: torch.Tensor 
     k, n = w.in_features, w.w.shape[0]
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, weight expects {k}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)  # [M, K]
-    if x2.shape[0] <= MAX_M:
-        xc = x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float()
-        y = _op()(xc.contiguous(), w.w, w.scales, k)  # [M, N], xc.dtype
+    # Each step is skipped when it has nothing to do: at M=1 a call on a small matrix takes ~10 us and every
+    # extra tensor op ~1 us.
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # [M, K]
+    if x2.shape[0] <= MAX_M and x2.dtype in (torch.bfloat16, torch.float32):
+        y = _op()(x2 if x2.is_contiguous() else x2.contiguous(), w.w, w.scales, k)  # [M, N], x.dtype
     else:
-        y = _dequant_matmul(x2.float(), w)
+        y = _dequant_matmul(x2.float(), w)  # fp32 [M, N]
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype).reshape(*lead, n)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
