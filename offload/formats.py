@@ -1,8 +1,9 @@
 """What a cache slot holds and how a layer computes with it.
 
   int4 (default)  the slot holds the entry's bytes exactly as in the host buffer (packed int4 + bf16
-                  scales). cuda: fused Triton kernels. cpu: PyTorch's int4 CPU kernel when the dtype
-                  is bfloat16 (repacked into the slot once per copy), the exact torch reference in float32.
+                  scales). cuda: fused Triton kernels. cpu with bfloat16: our native kernel
+                  (NativeInt4Format), else PyTorch's int4 CPU kernel (CpuInt4Format), each in its own
+                  layout, repacked once at load; cpu with float32: the exact torch reference.
   bf16            the prefetch thread dequantizes each entry into a slot of the compute dtype on the
                   copy stream (the reference blog's design); F.linear computes. Slots are 4x larger.
 The budget counts the bytes each slot really holds (`slot_nbytes`).
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from . import host, kernels
 from .errors import OffloadError
-from .kernels import cpu_int4
+from .kernels import cpu_int4, cpu_native
 
 FORMATS = ("int4", "bf16")
 
@@ -71,6 +72,39 @@ class CpuInt4Format(Int4Format):
         return kernels.cpu_int4_linear(x, data, bias)
 
 
+class NativeInt4Format(Int4Format):
+    """int4 on cpu with bf16 activations: our native kernel (offload.kernels.cpu_native).
+
+    Its layout is made once at load, in the host store, as for CpuInt4Format. Host bytes of an entry:
+    [w uint8 [N, Kq/2] | pad | scales bf16 [N, Kq/block]], Kq = the stored K padded to 64: the stored bytes,
+    plus a 32-column pad per row for block 32 with an odd number of blocks.
+    """
+
+    def _sizes(self, shape) -> tuple[int, int, int]:
+        w_nbytes, scales_nbytes = cpu_native.nbytes(shape, self.block_size)
+        return w_nbytes, host.aligned(w_nbytes), scales_nbytes
+
+    def host_nbytes(self, shape) -> int:
+        _, scales_offset, scales_nbytes = self._sizes(shape)
+        return scales_offset + scales_nbytes
+
+    def write_host(self, raw: torch.Tensor, packed, scales, shape) -> None:
+        w, kernel_scales = cpu_native.repack(packed, scales)
+        _, scales_offset, _ = self._sizes(shape)
+        raw[: w.numel()].copy_(w.reshape(-1))
+        raw[scales_offset: scales_offset + kernel_scales.numel() * 2].view(torch.bfloat16).copy_(kernel_scales.reshape(-1))
+
+    def materialize(self, raw: torch.Tensor, entry):
+        w_nbytes, scales_offset, scales_nbytes = self._sizes(entry.shape)
+        n = entry.shape[0]
+        w = raw[:w_nbytes].view(n, -1)  # uint8 [N, Kq/2]
+        scales = raw[scales_offset: scales_offset + scales_nbytes].view(torch.bfloat16).view(n, -1)  # [N, Kq/block]
+        return cpu_native.NativeInt4Weight(w, scales, entry.shape[1])
+
+    def linear(self, x: torch.Tensor, data, bias) -> torch.Tensor:
+        return cpu_native.native_int4_linear(x, data, bias)
+
+
 class Bf16Format:
     """A dequantized weight [N, K] of the compute dtype in the slot; F.linear."""
     name = "bf16"
@@ -96,6 +130,9 @@ def make_format(name: str, block_size: int, device: torch.device, dtype: torch.d
         raise OffloadError(f"unknown cache format {name!r} (choose from {', '.join(FORMATS)})")
     if name == "bf16":
         return Bf16Format(block_size, device, dtype)
-    if kernels.int4_backend(device, dtype, block_size) == "cpu_int4":
+    backend = kernels.int4_backend(device, dtype, block_size)
+    if backend == "cpu_native":
+        return NativeInt4Format(block_size, device, dtype)
+    if backend == "cpu_int4":
         return CpuInt4Format(block_size, device, dtype)
     return Int4Format(block_size, device, dtype)

@@ -12,7 +12,9 @@ Every choice of how a product runs is made here. `int4_backend` picks, per devic
   triton    cuda (or cpu with OFFLOAD_FORCE_TRITON=1: tests, under TRITON_INTERPRET=1); then by
             M = x.numel() // K the fused decode kernel (gemv) for M <= 16, the fused prefill kernel
             (gemm) above, and dequantize + F.linear for block sizes the fused kernels do not handle
-  cpu_int4  bf16 on cpu: PyTorch's CPU int4 kernel (its own host layout: offload.formats.CpuInt4Format)
+  cpu_native  bf16 on cpu: our AVX2 kernel (offload.kernels.cpu_native, its own host layout:
+            offload.formats.NativeInt4Format) when it builds here and OFFLOAD_CPU_KERNEL is not "torch"
+  cpu_int4  bf16 on cpu otherwise: PyTorch's CPU int4 kernel (its host layout: offload.formats.CpuInt4Format)
   torch     everything else (float32 on cpu): the exact fp32 torch reference
 """
 import os
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from . import gemm as _gemm
 from . import gemv as _gemv
 from .. import quant
-from . import cpu_int4, cpu_int8
+from . import cpu_int4, cpu_int8, cpu_native
 from ._common import INTERPRET
 from .dequant import dequantize, dequantize_ref
 
@@ -47,9 +49,11 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def int4_backend(device: torch.device, dtype: torch.dtype, block_size: int) -> str:
-    """"triton", "cpu_int4" or "torch": how int4 products with `dtype` activations on `device` run."""
+    """"triton", "cpu_native", "cpu_int4" or "torch": how int4 products with `dtype` activations on `device` run."""
     if device.type == "cuda" or triton_forced():
         return "triton"
+    if dtype == torch.bfloat16 and cpu_native.supported_block(block_size) and cpu_native.available():
+        return "cpu_native"
     if dtype == torch.bfloat16 and block_size % 32 == 0 and cpu_int4.cpu_int4_available():
         return "cpu_int4"
     return "torch"
