@@ -4,6 +4,7 @@ projections, copies into a full and a quarter cache as a GPU would make them) an
 reference path. Greedy decoding of the demo model (SmolLM2-135M-Instruct) unless --model is given.
 
     python benchmarks/bench_cpu.py [--model DIR --weights DIR] [--new-tokens 64] [--reps 3] [--threads N]
+    python benchmarks/bench_cpu.py --block-size 32     # the demo quantized at another block size (once)
 
 Prints a table (decode tokens/s and the ratio to plain float32) and writes
 benchmarks/results/cpu-<model>-decode.csv.
@@ -20,7 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import offload
-from offload import demo
+from offload import demo, quant
+from offload.weights import quantize_model
 
 PROMPT = "What is the capital of France?"
 
@@ -59,12 +61,22 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--block-size", type=int, default=None, choices=quant.BLOCK_SIZES,
+                   help="the demo model quantized at this block size (default method and lm_head), into its cache "
+                        "dir once; default: the demo's weights")
     p.add_argument("--out", default=None, help="CSV path")
     args = p.parse_args(argv)
+    if args.block_size and args.model:
+        p.error("--block-size quantizes the demo model: give --weights made at that size with --model")
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir, weights_dir = (args.model, args.weights) if args.model else demo.prepare()
     name = Path(model_dir).parent.name if not args.model else Path(model_dir).name
+    if args.block_size:
+        weights_dir = Path(weights_dir).parent / f"weights-b{args.block_size}"
+        if not (weights_dir / "offload.json").exists():
+            quantize_model(model_dir, weights_dir, block_size=args.block_size, force=True, progress=False)
+        name = f"{name}-b{args.block_size}"
     threads = torch.get_num_threads()
     machine = f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}"
 
