@@ -553,6 +553,26 @@ class WeightsDir:
         if extra:
             raise OffloadError(f"manifest of {self.path} does not match the config: unexpected {extra[0]}")
 
+    def stored_nbytes(self) -> dict[str, int]:
+        """{tensor name: bytes its stored tensors take in the shards}, from the shards' headers."""
+        sizes = {}
+        for shard in dict.fromkeys(t.shard for t in self.tensors.values()):
+            try:
+                with open(shard, "rb") as f:
+                    header, _ = _read_header(f, self.shard_sizes[shard])
+            except OSError as e:
+                raise OffloadError(f"cannot read {shard}: {e}") from e
+            for key, info in header.items():
+                try:
+                    begin, end = (int(o) for o in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise OffloadError(f"shard {shard} has no readable tensor {key}") from None
+                sizes[key] = end - begin
+        try:
+            return {name: sum(sizes[k] for k in t.keys) for name, t in self.tensors.items()}
+        except KeyError as e:
+            raise OffloadError(f"{self.path}: no stored tensor {e.args[0]} in its shard") from None
+
     def describe(self) -> str:
         sizes = [quant.quantized_nbytes(t.shape, self.block_size) for t in self.linears.values()]
         resident = "".join(f" + {n} {t.quant}" for n, t in self.resident_linears.items())
