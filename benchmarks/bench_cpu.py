@@ -6,7 +6,7 @@ the exact float32 reference path. Greedy decoding of the demo model (SmolLM2-135
 is given; every configuration is loaded once and measured in interleaved rounds (the machine is shared).
 
     python benchmarks/bench_cpu.py [--model DIR --weights DIR --gguf FILE] [--threads 1,2] [--new-tokens 32]
-                                   [--reps 3] [--profile]
+                                   [--reps 3] [--profile] [--block-size 32]
 
 llama-cpp-python is optional (it compiles llama.cpp from source: build it once, outside the repository);
 without it the llama.cpp row is skipped with a notice. Prints a table per thread count (decode tokens/s,
@@ -25,7 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import offload
-from offload import demo
+from offload import demo, quant
+from offload.weights import quantize_model
 
 PROMPT = "What is the capital of France?"
 
@@ -122,11 +123,21 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     p.add_argument("--profile", action="store_true", help="also print the per-step split of the default engine")
+    p.add_argument("--block-size", type=int, default=None, choices=quant.BLOCK_SIZES,
+                   help="the demo model quantized at this block size (default method and lm_head), into its cache "
+                        "dir once; default: the demo's weights")
     p.add_argument("--out", default=None, help="CSV path")
     args = p.parse_args(argv)
+    if args.block_size and args.model:
+        p.error("--block-size quantizes the demo model: give --weights made at that size with --model")
     model_dir, weights_dir = (args.model, args.weights) if args.model else demo.prepare()
     gguf = Path(args.gguf) if args.gguf else (None if args.model else demo.gguf_path())
     name = Path(model_dir).parent.name if not args.model else Path(model_dir).name
+    if args.block_size:
+        weights_dir = Path(weights_dir).parent / f"weights-b{args.block_size}"
+        if not (weights_dir / "offload.json").exists():
+            quantize_model(model_dir, weights_dir, block_size=args.block_size, force=True, progress=False)
+        name = f"{name}-b{args.block_size}"
     with offload.load(model_dir, weights_dir, cache="full", device="cpu", dtype=torch.bfloat16, progress=False,
                       compile=False) as e:
         ids = e.encode(PROMPT, chat=True)["input_ids"]

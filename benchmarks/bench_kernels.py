@@ -12,8 +12,11 @@ the weight (packed + scales) divided by the time, for every column, so columns c
 would this read our int4 matrix" (the int8 row: its own int8 bytes + scales); frac_bw divides that by
 the measured device-to-device copy bandwidth (bytes read + written). TFLOP/s is 2*M*N*K / time.
 
-    python benchmarks/bench_kernels.py [--m 1 4 16 256 2048] [--reps 50]
-Prints a table and writes benchmarks/results/<device-name>-kernels.csv.
+    python benchmarks/bench_kernels.py [--m 1 4 16 256 2048] [--reps 50] [--block-size 32|64|128]
+Prints a table and writes benchmarks/results/<device-name>-kernels.csv (-kernels-b<block>.csv for a block
+size other than 128). Decode is memory-bound, so at a given share of the bandwidth a block size's decode
+speed is inversely proportional to its bytes per weight (4 + 16 / block bits): the int4 GB/s column
+compares block sizes directly.
 """
 import argparse
 import csv
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from offload import quant
 
 LM_HEAD = "lm_head 152064x5120"
 SHAPES = {  # name: (N, K)
@@ -62,12 +67,12 @@ def copy_bandwidth(reps: int, flush: torch.Tensor) -> float:
     return 2 * (1 << 30) / (us * 1e-6)
 
 
-def random_int4(n: int, k: int):
-    """packed uint8 [N, K/2] of random bytes and positive bf16 scales [N, K/128]: no zero weights."""
+def random_int4(n: int, k: int, block: int):
+    """packed uint8 [N, K/2] of random bytes and positive bf16 scales [N, K/block]: no zero weights."""
     from offload.kernels import dequantize
 
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
-    scales = (torch.rand(n, k // 128, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
+    scales = (torch.rand(n, k // block, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
     return packed, scales, dequantize(packed, scales, k, dtype=torch.bfloat16)
 
 
@@ -80,25 +85,26 @@ def print_row(r):
           f"{r['frac_bw']:8.2f} {r['TFLOPs']:8.1f} {r['speedup_vs_bf16']:7.2f}x {r['max_rel_err']:>9s}")
 
 
-def random_int8(n: int, k: int):
-    """int8 [N, K] of random values in [-127, 127] and positive bf16 scales [N, K/128]."""
+def random_int8(n: int, k: int, block: int):
+    """int8 [N, K] of random values in [-127, 127] and positive bf16 scales [N, K/block]."""
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
-    return q, (torch.rand(n, k // 128, device="cuda") * 0.001 + 0.0001).to(torch.bfloat16)
+    return q, (torch.rand(n, k // block, device="cuda") * 0.001 + 0.0001).to(torch.bfloat16)
 
 
-def run(ms, reps):
+def run(ms, reps, block=128):
     from offload.kernels import dequantize, int4_linear, int8_linear
 
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     copy_bw = copy_bandwidth(reps, flush)
-    print(f"device: {torch.cuda.get_device_name()}   measured copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
+    print(f"device: {torch.cuda.get_device_name()}   measured copy bandwidth: {copy_bw / 1e9:.0f} GB/s   "
+          f"block size {block}")
     print(HEADER)
     rows = []
     for name, (n, k) in SHAPES.items():
-        packed, scales, w_bf16 = random_int4(n, k)
+        packed, scales, w_bf16 = random_int4(n, k, block)
         int4_bytes = packed.numel() + 2 * scales.numel()
         scratch = torch.empty_like(w_bf16)
-        int8_weight = random_int8(n, k) if name == LM_HEAD else None
+        int8_weight = random_int8(n, k, block) if name == LM_HEAD else None
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x, w_bf16).float()
@@ -116,7 +122,7 @@ def run(ms, reps):
             for impl, us in times.items():
                 gbps = weight_bytes[impl] / (us * 1e-6) / 1e9
                 rows.append({
-                    "shape": name, "N": n, "K": k, "M": m, "impl": impl, "us": round(us, 2),
+                    "shape": name, "N": n, "K": k, "M": m, "block": block, "impl": impl, "us": round(us, 2),
                     "int4_GBps": round(gbps, 1), "frac_bw": round(gbps * 1e9 / copy_bw, 3),
                     "TFLOPs": round(2 * m * n * k / (us * 1e-6) / 1e12, 2),
                     "speedup_vs_bf16": round(times["bf16 linear"] / us, 2),
@@ -151,6 +157,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 256, 2048], help="activation rows")
     parser.add_argument("--reps", type=int, default=50, help="timed calls per measurement")
+    parser.add_argument("--block-size", type=int, default=128, choices=quant.BLOCK_SIZES,
+                        help="elements per scale of the int4 and int8 weights (default 128)")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/<device>-kernels.csv)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -159,10 +167,11 @@ def main(argv=None):
     if min(args.m) < 1 or args.reps < 1:
         parser.error("--m and --reps must be positive")
 
-    rows, copy_bw = run(args.m, args.reps)
+    rows, copy_bw = run(args.m, args.reps, args.block_size)
     check_targets(rows)
     device = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
-    out = args.out or Path(__file__).resolve().parent / "results" / f"{device}-kernels.csv"
+    suffix = "" if args.block_size == 128 else f"-b{args.block_size}"
+    out = args.out or Path(__file__).resolve().parent / "results" / f"{device}-kernels{suffix}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["device", "copy_GBps", *rows[0].keys()])

@@ -176,9 +176,9 @@ def _tiny_model(root: Path) -> tuple[Path, Path]:
     return root / "model", root / "weights"
 
 
-def reference_model(model_dir: Path, device="cpu"):
-    """The plain HF model, fp32, with each linear weight replaced by dequantize(quantize(w)) and every other
-    tensor (embeddings, norms, biases) rounded as the weights dir stores it."""
+def reference_model(model_dir: Path, device="cpu", block_size: int | None = None):
+    """The plain HF model, fp32, with each linear weight replaced by dequantize(quantize(w, block_size)) (absmax,
+    default block 128) and every other tensor (embeddings, norms, biases) rounded as the weights dir stores it."""
     from transformers import AutoModelForCausalLM
 
     from . import quant
@@ -190,7 +190,7 @@ def reference_model(model_dir: Path, device="cpu"):
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             w = module.weight.data
-            module.weight.data = quant.dequantize(*quant.quantize(w), w.shape)
+            module.weight.data = quant.dequantize(*quant.quantize(w, block_size or quant.BLOCK_SIZE), w.shape)
             quantized.add(id(module.weight))
     for p in model.parameters():
         if id(p) not in quantized:

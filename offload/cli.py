@@ -502,6 +502,9 @@ def eval_main(argv=None) -> int:
     p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: one per physical core)")
     p.add_argument("--cache", default="auto", help="device cache budget, as in offload-run (default auto)")
+    p.add_argument("--compare-gguf", metavar="FILE", help="also score this GGUF file with llama.cpp (needs "
+                   "llama-cpp-python; cpu) on the same token ids and windows: its perplexity, change, top-1 agreement, "
+                   "KL and bits per weight")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -522,7 +525,7 @@ def _eval(args) -> int:
         check_output_path(args.json, "--json")
     result = evaluate(args.model_dir, args.weights_dir, text, max_tokens=args.max_tokens,
                       stride=args.stride, device=args.device, dtype=args.dtype, cache=args.cache, threads=args.threads,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, compare_gguf=args.compare_gguf)
     print(summary(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 BLOCK_SIZE = 128
+# The block sizes offload-quantize writes: every fused kernel config is compiled for each of them
+# (python -m offload.kernels.aot) and the equivalence tests run each. Bits per weight of an int4
+# matrix: 4 + 16 / block (a bf16 scale per block): 4.5, 4.25, 4.125.
+BLOCK_SIZES = (32, 64, 128)
 QMIN, QMAX = -8, 7  # int4
 QMAX8 = 127  # int8: [-127, 127], symmetric
 

@@ -44,7 +44,6 @@ LINEAR_QUANTS = LM_HEAD_PRECISIONS  # what a linear's manifest record may say
 
 
 ROLES = ("linear", "bias", "embedding", "norm", "other")
-MIN_BLOCK_SIZE = 64  # the smallest scale block the fused kernels take (offload/kernels/gemm.py MIN_GROUP)
 SHARD_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
                 "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                 "BOOL": torch.bool}
@@ -138,9 +137,9 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     if not gguf and not (model_dir / "config.json").exists():
         raise OffloadError(f"{model_dir} is not a model dir (no config.json) nor a GGUF file")
     _check_output(model_dir, out, force)
-    if not isinstance(block_size, int) or block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
-        raise OffloadError(f"block size must be a power of two, at least {MIN_BLOCK_SIZE} (the kernels' "
-                           f"smallest scale block), got {block_size}")
+    if type(block_size) is not int or block_size not in quant.BLOCK_SIZES:
+        raise OffloadError(f"block size must be one of {', '.join(map(str, quant.BLOCK_SIZES))} (the sizes every "
+                           f"kernel is compiled and tested for), got {block_size}")
     options = _method_options(method, calibration, lm_head)
     if gguf and method == "gptq":
         raise OffloadError("method gptq reads an HF safetensors model dir, not a GGUF file: use mse or absmax")
@@ -553,6 +552,26 @@ class WeightsDir:
         extra = sorted(set(stored) - set(linears))
         if extra:
             raise OffloadError(f"manifest of {self.path} does not match the config: unexpected {extra[0]}")
+
+    def stored_nbytes(self) -> dict[str, int]:
+        """{tensor name: bytes its stored tensors take in the shards}, from the shards' headers."""
+        sizes = {}
+        for shard in dict.fromkeys(t.shard for t in self.tensors.values()):
+            try:
+                with open(shard, "rb") as f:
+                    header, _ = _read_header(f, self.shard_sizes[shard])
+            except OSError as e:
+                raise OffloadError(f"cannot read {shard}: {e}") from e
+            for key, info in header.items():
+                try:
+                    begin, end = (int(o) for o in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise OffloadError(f"shard {shard} has no readable tensor {key}") from None
+                sizes[key] = end - begin
+        try:
+            return {name: sum(sizes[k] for k in t.keys) for name, t in self.tensors.items()}
+        except KeyError as e:
+            raise OffloadError(f"{self.path}: no stored tensor {e.args[0]} in its shard") from None
 
     def describe(self) -> str:
         sizes = [quant.quantized_nbytes(t.shape, self.block_size) for t in self.linears.values()]

@@ -9,6 +9,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tiny  # noqa: E402 - imports offload, so after TRITON_INTERPRET
+from offload import quant  # noqa: E402
+from offload.weights import quantize_model  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -43,3 +45,24 @@ def qwen2(tmp_path_factory):
 def models(llama, qwen2):
     """kind -> (model_dir, weights_dir) of every tiny model."""
     return {"llama": llama, "qwen2": qwen2}
+
+
+@pytest.fixture(scope="session")
+def blocks(models, tmp_path_factory):
+    """blocks(kind, block_size) -> (model_dir, weights_dir): the tiny `kind` model quantized at that block size
+    (absmax, int4 lm_head, as the shared dirs; block 128 is the shared dir), made once per run on first use."""
+    root = tmp_path_factory.mktemp("blocks")
+    made = {}
+
+    def get(kind, block_size):
+        if block_size == quant.BLOCK_SIZE:
+            return models[kind]
+        if (kind, block_size) not in made:
+            model_dir, _ = models[kind]
+            weights_dir = root / f"{kind}-w{block_size}"
+            quantize_model(model_dir, weights_dir, block_size=block_size, progress=False, method="absmax",
+                           lm_head="int4")
+            made[kind, block_size] = model_dir, weights_dir
+        return made[kind, block_size]
+
+    return get

@@ -90,7 +90,8 @@ def pattern_weight(n, k, block):
 
 
 @needs_op
-@pytest.mark.parametrize("n,k,block", [(80, 328, 128), (64, 256, 128), (17, 640, 128), (48, 576, 64)])
+@pytest.mark.parametrize("n,k,block", [(80, 328, 128), (64, 256, 128), (17, 640, 128), (48, 576, 64), (48, 200, 64),
+                                       (80, 328, 32), (17, 96, 32)])
 def test_mapping_is_exact(n, k, block, path):
     """One-hot inputs: output row i is column i of W, so each output element isolates one weight."""
     packed, scales = pattern_weight(n, k, block)

@@ -9,7 +9,7 @@ import torch
 import offload
 from offload.cache import DeviceCache
 from offload.errors import OffloadError
-from offload import weights
+from offload import quant, weights
 from offload.quant import quantized_nbytes
 
 import tiny
@@ -28,8 +28,9 @@ def greedy(model, ids):
                           min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=257)
 
 
-def minimal_budget(weights_dir):
-    # the smallest byte budget that can work: the largest entry (q/k/v and gate/up are one fused entry each)
+def entry_bytes(weights_dir) -> list[int]:
+    """Host bytes of each int4 entry (q/k/v and gate/up are one fused entry each) at the dir's block size: packed
+    int4 padded to the store's 256-byte alignment + bf16 scales."""
     m = tiny.manifest(weights_dir)
     rows = {}
     for name, t in m["tensors"].items():
@@ -37,11 +38,16 @@ def minimal_budget(weights_dir):
             group = name.replace("q_proj", "qkv").replace("k_proj", "qkv").replace("v_proj", "qkv")
             group = group.replace("gate_proj", "gate_up").replace("up_proj", "gate_up")
             rows[group] = (rows.get(group, (0, 0))[0] + t["shape"][0], t["shape"][1])
-    return f"{max(-(-p // 256) * 256 + s for p, s in map(quantized_nbytes, rows.values()))}B"
+    return [-(-p // 256) * 256 + s for p, s in (quantized_nbytes(shape, m["block_size"]) for shape in rows.values())]
+
+
+def minimal_budget(weights_dir):
+    # the smallest byte budget that can work: the largest entry
+    return f"{max(entry_bytes(weights_dir))}B"
 
 
 def check_against_reference(model_dir, weights_dir, device, cache, policy, cache_format="int4", tol=1e-4):
-    ref = tiny.reference_model(model_dir, device)
+    ref = tiny.reference_model(model_dir, device, tiny.manifest(weights_dir)["block_size"])
     ids = prompt_ids(device)
     expected = greedy(ref, ids)
     assert len(set(expected[0, ids.shape[1]:].tolist())) > 3, "degenerate reference: the test would prove little"
@@ -65,6 +71,19 @@ def test_greedy_tokens_and_logits_match_reference(models, device, kind, policy, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("block", quant.BLOCK_SIZES)
+def test_every_block_size_matches_reference_and_budgets_its_bytes(blocks, device, kind, block):
+    # hidden 192 / 256 and intermediate 320 / 384: K is padded at block 128 (and 64 for 320), not at 32
+    model_dir, weights_dir = blocks(kind, block)
+    assert tiny.manifest(weights_dir)["block_size"] == block
+    check_against_reference(model_dir, weights_dir, device, "minimal", "pin")
+    with offload.load(model_dir, weights_dir, cache="full", device=device, dtype=torch.float32, progress=False,
+                      emulate_copies=True) as engine:
+        assert engine.stats["model_bytes"] == sum(entry_bytes(weights_dir))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("policy", ["pin", "lru"])
 def test_bf16_cache_format_matches_reference(models, device, kind, policy):
     # the slot holds the dequantized weight in the compute dtype (float32 here)
@@ -75,8 +94,9 @@ def test_bf16_cache_format_matches_reference(models, device, kind, policy):
 @pytest.mark.parametrize("kind,policy,cache", [("llama", "pin", "50%"), ("qwen2", "lru", "minimal")])
 def test_triton_path_matches_reference(models, kind, policy, cache, monkeypatch):
     # The Triton kernels under TRITON_INTERPRET=1, selected on cpu tensors by OFFLOAD_FORCE_TRITON (slow:
-    # every launch is interpreted, so two representative cases). They accumulate in another order than
-    # the reference's F.linear: fp32 rounding differences, hence the looser logit tolerance.
+    # every launch is interpreted, so two representative cases; other block sizes: tests/test_kernels.py).
+    # They accumulate in another order than the reference's F.linear: fp32 rounding differences, hence the
+    # looser logit tolerance.
     monkeypatch.setenv("OFFLOAD_FORCE_TRITON", "1")
     check_against_reference(*models[kind], "cpu", cache, policy, tol=2e-3)
 
@@ -209,28 +229,37 @@ def test_close_is_clean_and_final(models):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("cache", ["full", "25%"])
-def test_cpu_fast_path_matches_reference(models, kind, cache, monkeypatch):
+@pytest.mark.parametrize("block", quant.BLOCK_SIZES)
+def test_cpu_fast_path_matches_reference(blocks, kind, cache, block, monkeypatch):
     # bfloat16 on cpu with OFFLOAD_CPU_KERNEL=torch selects PyTorch's int4 CPU kernel (repacked once at load;
-    # the default, our native kernel, has the same test in test_cpu_native.py). Greedy tokens must equal
-    # those of the same dequantized HF model run in bfloat16. Logits: bf16 activations drift through the
-    # layers, so the engine's error against the float32 reference may be at most twice that of the plain
-    # bf16 model (plus 1% of the logit range), i.e. no worse than running the model in bf16 at all.
+    # the default, our native kernel, has the same test in test_cpu_native.py). Logits: bf16 activations drift
+    # through the layers, so the engine's error against the float32 reference may be at most twice that of the
+    # plain bf16 model (plus 1% of the logit range), i.e. no worse than running the model in bf16 at all.
+    # Greedy tokens must equal those of the same dequantized HF model run in bfloat16, except where the two
+    # best tokens of the float32 reference are closer than that error bound: a near-tie bf16 may break
+    # either way (it does at block 32 on qwen2, 0.1 apart at a logit of 11.6).
     monkeypatch.setenv("OFFLOAD_CPU_KERNEL", "torch")
-    model_dir, weights_dir = models[kind]
-    ref32 = tiny.reference_model(model_dir)
-    ref16 = tiny.reference_model(model_dir).to(torch.bfloat16)
+    model_dir, weights_dir = blocks(kind, block)
+    ref32 = tiny.reference_model(model_dir, block_size=block)
+    ref16 = tiny.reference_model(model_dir, block_size=block).to(torch.bfloat16)
     ids = prompt_ids("cpu")
     expected = greedy(ref16, ids)[:, : ids.shape[1] + 16]
     with offload.load(model_dir, weights_dir, cache=cache, device="cpu", dtype=torch.bfloat16,
                       progress=False) as engine:
         assert type(engine.fmt).__name__ == "CpuInt4Format"
         got = greedy(engine.model, ids)[:, : ids.shape[1] + 16]
-        assert torch.equal(got, expected)
         with torch.no_grad():
             ours, bf16, exact = (m(got).logits.float() for m in (engine.model, ref16, ref32))
     scale = exact.abs().max()
-    assert (ours - exact).abs().max() <= 2 * (bf16 - exact).abs().max() + 1e-2 * scale
+    bound = 2 * (bf16 - exact).abs().max() + 1e-2 * scale
+    assert (ours - exact).abs().max() <= bound
     assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+    differ = (got != expected)[0].nonzero()
+    if len(differ):
+        first = int(differ[0])  # the token chosen from the logits at position first - 1
+        top2 = exact[0, first - 1].topk(2)
+        assert got[0, first] in top2.indices and top2.values[0] - top2.values[1] < bound, \
+            f"token {first} differs where the reference has no near-tie: {top2}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

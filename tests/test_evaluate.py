@@ -132,3 +132,132 @@ def test_layer_by_layer_reference_equals_the_hf_model(kind, request):
         h = m.run_layer(i, layer, h)
     assert all(p.is_meta for p in m.decoder_layers.parameters())  # every layer was dropped after use
     torch.testing.assert_close(m.logits(ids, h), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", quant.BLOCK_SIZES)
+def test_bits_per_weight_of_a_weights_dir(blocks, block):
+    from transformers import AutoConfig
+    from offload.bits import weights_dir_bits
+    from offload.weights import WeightsDir
+    model_dir, weights_dir = blocks("llama", block)  # absmax, int4 lm_head, tied embeddings
+    m = tiny.manifest(weights_dir)
+    linears = {n: t["shape"] for n, t in m["tensors"].items() if t["role"] == "linear"}
+    decoder = [s for n, s in linears.items() if n != "lm_head.weight"]
+    int4 = sum(sum(quant.quantized_nbytes(s, block)) for s in decoder)
+    got = weights_dir_bits(WeightsDir(weights_dir), AutoConfig.from_pretrained(model_dir))
+    assert got["linears"] == 8 * int4 / sum(n * k for n, k in decoder)
+    if block < 128:  # hidden 192 and intermediate 320 are multiples of 32 and 64: no padding
+        assert got["linears"] == 4 + 16 / block
+    others = sum(math.prod(t["shape"]) * 2 for t in m["tensors"].values() if t["role"] != "linear")  # bf16
+    params = AutoModelForCausalLM.from_pretrained(model_dir).num_parameters()  # the tied embedding once
+    head = sum(quant.quantized_nbytes(linears["lm_head.weight"], block))
+    assert got["model"] == 8 * (int4 + head + others) / params
+
+
+def write_gguf(path):
+    """A GGUF with an F32 embedding and norm and two F16 decoder matrices: (path, expected bits)."""
+    import numpy as np
+    from gguf import GGUFWriter
+    tensors = {"token_embd.weight": np.zeros((16, 8), np.float32), "blk.0.attn_norm.weight": np.ones(8, np.float32),
+               "blk.0.attn_q.weight": np.zeros((8, 8), np.float16), "blk.0.ffn_down.weight": np.zeros((8, 12), np.float16)}
+    writer = GGUFWriter(path, "llama")
+    for name, t in tensors.items():
+        writer.add_tensor(name, t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    total = sum(t.size for t in tensors.values())
+    return path, {"linears": 16.0, "model": (32 * (128 + 8) + 16 * (64 + 96)) / total}
+
+
+def test_bits_per_weight_of_a_gguf(tmp_path):
+    from offload.bits import gguf_bits
+    path, want = write_gguf(tmp_path / "m.gguf")
+    got = gguf_bits(path)
+    assert got["linears"] == want["linears"] and got["model"] == pytest.approx(want["model"])
+    assert got["types"] == {"F16": 64 + 96} and got["output_type"] == "F32"
+
+
+class FakeLlama:
+    """llama_cpp.Llama's interface over the unquantized HF model: what llama.cpp would give for an F32 GGUF."""
+    windows = []
+
+    def __init__(self, model_path, n_ctx, logits_all, **kwargs):
+        assert logits_all and n_ctx == MAX_TOKENS
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        self.tokenizer = tiny.byte_tokenizer()
+
+    def n_vocab(self):
+        return self.vocab_size
+
+    def detokenize(self, ids):
+        return self.tokenizer.decode(ids).encode()
+
+    def reset(self):
+        self.scores = None
+
+    def eval(self, ids):
+        FakeLlama.windows.append(list(ids))
+        with torch.no_grad():
+            self.scores = self.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.fixture
+def fake_llama_cpp(llama, monkeypatch):
+    import sys
+    import types
+    module = types.ModuleType("llama_cpp")
+    module.__version__ = "fake"
+    module.Llama = FakeLlama
+    monkeypatch.setattr(FakeLlama, "model_dir", llama[0], raising=False)
+    monkeypatch.setattr(FakeLlama, "vocab_size", tiny.config("llama").vocab_size, raising=False)
+    monkeypatch.setattr(FakeLlama, "windows", [])
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)
+    return FakeLlama
+
+
+def test_compare_gguf_scores_the_same_ids_and_windows(llama, tmp_path, fake_llama_cpp):
+    model_dir, weights_dir = llama
+    gguf, want_bits = write_gguf(tmp_path / "m.gguf")
+    r = evaluate(model_dir, weights_dir, TEXT, max_tokens=MAX_TOKENS, stride=STRIDE, device="cpu", dtype=torch.float32,
+                 progress=False, compare_gguf=gguf)
+    ids = tiny.byte_tokenizer()(TEXT, add_special_tokens=False)["input_ids"]
+    assert fake_llama_cpp.windows == [ids[b:b + MAX_TOKENS] for b, _ in windows(len(ids), MAX_TOKENS, STRIDE)]
+    g = r["gguf"]  # the fake is the unquantized model: it must score exactly as the reference
+    assert g["ppl"] == pytest.approx(r["reference_ppl"], rel=1e-5) and g["ppl_change"] == pytest.approx(0, abs=1e-5)
+    assert g["top1_agreement"] == 1.0 and g["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert g["bits_per_weight"]["linears"] == want_bits["linears"] and g["llama_cpp_python"] == "fake"
+    assert r["ppl"] > g["ppl"]  # the offloaded int4 model is scored beside it as usual
+
+
+def test_compare_gguf_refuses_another_vocabulary(llama, tmp_path, fake_llama_cpp, monkeypatch, capsys):
+    model_dir, weights_dir = llama
+    gguf, _ = write_gguf(tmp_path / "m.gguf")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    argv = [str(model_dir), str(weights_dir), "--text", str(text), "--max-tokens", "64", "--no-progress",
+            "--compare-gguf", str(gguf)]
+    monkeypatch.setattr(fake_llama_cpp, "vocab_size", 300)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith("m.gguf has a vocabulary of 300 tokens, the model 260: its token "
+                                                    "ids mean other tokens")
+    monkeypatch.setattr(fake_llama_cpp, "vocab_size", 260)
+    monkeypatch.setattr(fake_llama_cpp, "detokenize", lambda self, ids: b"other text")
+    assert main(argv) == 2
+    assert "decodes the text's token ids into another text" in capsys.readouterr().err
+    assert fake_llama_cpp.windows == []  # refused before anything was scored
+
+
+def test_compare_gguf_needs_llama_cpp_python(llama, tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed: import raises ImportError
+    model_dir, weights_dir = llama
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    rc = main([str(model_dir), str(weights_dir), "--text", str(text), "--max-tokens", "64", "--no-progress",
+               "--compare-gguf", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("offload-eval: error: --compare-gguf needs llama-cpp-python: "
+                                            "pip install llama-cpp-python")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from offload import quant
+from offload.kernels import dispatch
 from offload.kernels import (
     FORCE_TRITON_ENV, dequantize, dequantize_ref, fused_gemm, fused_gemv, gemm_ref, gemv_ref, int4_linear, int4_linear_ref,
     int8_linear, int8_linear_ref,
@@ -120,14 +121,33 @@ def test_dequantize_poisoned_out(n, k, dtype):
     assert_close(out, w, dtype)
 
 
-@pytest.mark.parametrize("block", [32, 48, 64])
-@pytest.mark.parametrize("m", [3, 40])
-def test_other_block_sizes(block, m):
-    # 64: both fused kernels; 32: gemv, then dequantize + F.linear for M > 16; 48 (not a power of two): dequantize.
+@pytest.mark.parametrize("block", [*quant.BLOCK_SIZES, 48])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_block_sizes(block, m, dtype, monkeypatch):
+    # Every block size offload writes runs the fused kernels (gemv up to 16 rows, gemm above; at 32 the gemm
+    # takes its BLOCK_K = 32 configs); 48 (not a power of two) falls back to dequantize + F.linear.
+    fused = block in quant.BLOCK_SIZES
+    if fused:
+        monkeypatch.setattr(dispatch, "dequantize", None)  # the fallback would fail
     packed, scales, w = make_weight(24, 200, "quantize", block=block)
-    x = make_x((m, 200), torch.bfloat16)
-    assert_close(int4_linear(x, packed, scales, 200, make_bias(24)), reference(x, w, make_bias(24)), torch.bfloat16)
-    assert_close(dequantize(packed, scales, 200, dtype=torch.float32), w, torch.float32)
+    x = make_x((m, 200), dtype)
+    assert_close(int4_linear(x, packed, scales, 200, make_bias(24)), reference(x, w, make_bias(24)), dtype)
+    assert_close(dequantize_ref(packed, scales, 200, dtype=torch.float32), w, torch.float32)
+    if fused:
+        assert_close(fused_gemm(x, packed, scales, 200), reference(x, w), dtype)
+
+
+@pytest.mark.parametrize("block", quant.BLOCK_SIZES)
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("m", [1, 16])
+def test_block_sizes_gemv_split_k_and_dequantize(block, m, split_k):
+    packed, scales, w = make_weight(33, 300, "random-bytes", block=block)
+    x = make_x((m, 300), torch.bfloat16)
+    out = poisoned((m, 33), torch.bfloat16)
+    assert fused_gemv(x, packed, scales, 300, make_bias(33), out=out, split_k=split_k) is out
+    assert_close(out, reference(x, w, make_bias(33)), torch.bfloat16)
+    assert_close(dequantize(packed, scales, 300, dtype=torch.float32), w, torch.float32)
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
@@ -176,6 +196,16 @@ def test_int8_linear(n, k, m, with_bias, dtype):
     out = int8_linear(x, q, scales, k, bias, chunk_elems=4096)
     assert out.shape == (*x.shape[:-1], n)
     assert_close(out.reshape(-1, n), reference(x.reshape(-1, k), w, bias), dtype)
+
+
+@pytest.mark.parametrize("block", quant.BLOCK_SIZES)
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_int8_block_sizes(block, m):
+    # the int8 output projection is stored at the weights' block size
+    q, scales, w = make_int8_weight(33, 300, block)
+    x = make_x((m, 300), torch.bfloat16)
+    assert_close(int8_linear(x, q, scales, 300, make_bias(33), chunk_elems=4096), reference(x, w, make_bias(33)),
+                 torch.bfloat16)
 
 
 @pytest.mark.parametrize("split_k", [1, 3])

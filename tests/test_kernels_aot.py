@@ -1,4 +1,4 @@
-"""Ahead-of-time compile every kernel config for sm_86, sm_89 and sm_90, no GPU needed.
+"""Ahead-of-time compile every kernel config for sm_86, sm_89 and sm_90 and every block size, no GPU needed.
 
 Catches, in CI, a config that cannot launch on a consumer card (shared memory over the per-block
 limit) or that spills registers, and a shared-memory estimate in the autotune prune that is not an
@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+
+from offload import quant
 
 ARCHS = (86, 89, 90)
 # Opt-in shared memory per block: sm_86 / sm_89 99 KiB, sm_90 227 KiB.
@@ -55,17 +57,18 @@ def compiled():
 
 
 def _label(r):
-    return f"sm_{r['arch']} {r['kernel']} {r['config']}"
+    return f"sm_{r['arch']} {r['kernel']} block {r['group']} {r['config']}"
 
 
-def test_every_arch_and_kernel_compiled(compiled):
-    kept = {(r["arch"], r["kernel"]) for r in compiled if r["kept"]}
+def test_every_arch_kernel_and_block_size_compiled(compiled):
+    kept = {(r["arch"], r["kernel"], r["group"]) for r in compiled if r["kept"]}
     kernels = {r["kernel"] for r in compiled}
     gemv = {f"gemv{bits}{split}[M<={m}]" for bits in ("", "-int8") for split in ("", "-splitk") for m in (1, 2, 16)}
-    assert kernels >= gemv | {"gemm", "dequant"}
+    assert kernels == gemv | {"gemm", "dequant"}
     for arch in ARCHS:
         for kernel in kernels:
-            assert (arch, kernel) in kept, f"no config of {kernel} kept for sm_{arch}"
+            for group in quant.BLOCK_SIZES:
+                assert (arch, kernel, group) in kept, f"no config of {kernel} kept for sm_{arch} at block {group}"
 
 
 def test_kept_configs_fit_shared_memory(compiled):

@@ -10,10 +10,11 @@ from offload.errors import OffloadError
 import tiny
 
 
-def test_quantized_tensors_equal_the_reference_functions(llama):
-    model_dir, weights_dir = llama
+@pytest.mark.parametrize("block", quant.BLOCK_SIZES)
+def test_quantized_tensors_equal_the_reference_functions(blocks, block):
+    model_dir, weights_dir = blocks("llama", block)
     m = tiny.manifest(weights_dir)
-    assert m["format_version"] == weights.FORMAT_VERSION and m["block_size"] == 128
+    assert m["format_version"] == weights.FORMAT_VERSION and m["block_size"] == block
     with safe_open(model_dir / "model.safetensors", framework="pt") as src:
         source = {k: src.get_tensor(k) for k in src.keys()}
     w = weights.WeightsDir(weights_dir)
@@ -22,7 +23,8 @@ def test_quantized_tensors_equal_the_reference_functions(llama):
         # tied embeddings: lm_head is a quantized copy of the input embedding
         original = source.get(name, source["model.embed_tokens.weight"])
         if info["role"] == "linear":
-            packed, scales = quant.quantize(original)
+            packed, scales = quant.quantize(original, block)
+            assert scales.shape == (original.shape[0], quant.padded_k(original.shape[1], block) // block)
             assert torch.equal(stored[0], packed) and torch.equal(stored[1], scales)
         else:  # unquantized tensors are stored in bf16 (the source is float32 here)
             assert stored[0].dtype == torch.bfloat16 and info["dtype"] == "bfloat16"
@@ -83,6 +85,13 @@ def test_interrupted_quantization_leaves_nothing_that_looks_complete(llama, tmp_
     with pytest.raises(KeyboardInterrupt):
         weights.quantize_model(model_dir, tmp_path / "w", progress=False, method="absmax")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("block", [16, 48, 96, 256, 0, 128.0, True])
+def test_block_size_is_one_of_the_supported_sizes(llama, tmp_path, block):
+    with pytest.raises(OffloadError, match=r"block size must be one of 32, 64, 128 .*, got"):
+        weights.quantize_model(llama[0], tmp_path / "w", block_size=block, progress=False)
+    assert not (tmp_path / "w").exists()
 
 
 def test_refuses_to_overwrite_and_rejects_non_models(llama, tmp_path):

@@ -6,8 +6,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from offload import check
-from offload.weights import quantize_model
+from offload import check, quant
+from offload.weights import WeightsDir, quantize_model
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -52,10 +52,32 @@ def make(kind: str, root: Path) -> tuple[Path, Path]:
     return model_dir, weights_dir
 
 
-def reference_model(model_dir: Path, device="cpu"):
-    """The same HF model with every linear weight replaced by dequantize(quantize(w)) and every other tensor
-    (embeddings, norms, biases) rounded as the weights dir stores them: what the engine must match."""
-    return check.reference_model(model_dir, device)
+def reference_model(model_dir: Path, device="cpu", block_size: int = quant.BLOCK_SIZE):
+    """The same HF model with every linear weight replaced by dequantize(quantize(w, block_size)) and every other
+    tensor (embeddings, norms, biases) rounded as the weights dir stores them: what the engine must match."""
+    return check.reference_model(model_dir, device, block_size)
+
+
+def stored_model(model_dir: Path, weights_dir: Path):
+    """The HF model (fp32) with every tensor read back from the weights dir and dequantized as its manifest says
+    (int4, int8 or bf16 linears at the dir's block size): whatever method made the dir, what the engine must match."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    weights = WeightsDir(weights_dir)
+    state = {}
+    for name, info in weights.tensors.items():
+        stored = weights.read(name)
+        if info.role == "linear" and info.quant == "int4":
+            assert stored[1].shape[1] * weights.block_size == stored[0].shape[1] * 2  # [N, Kp / block]
+            state[name] = quant.dequantize(*stored, info.shape)
+        elif info.role == "linear" and info.quant == "int8":
+            assert stored[1].shape[1] * weights.block_size == stored[0].shape[1]
+            state[name] = quant.dequantize_int8(*stored, info.shape[1])
+        else:
+            state[name] = stored[0].float()
+    if model.config.tie_word_embeddings:  # lm_head has its own stored copy
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 def manifest(weights_dir: Path) -> dict:

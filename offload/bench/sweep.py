@@ -40,6 +40,7 @@ from .. import cache as cache_mod, formats as formats_mod, load
 from ..cli import _add_version
 from ..engine import resolve_device, resolve_dtype, set_threads
 from ..errors import OffloadError
+from ..quant import BLOCK_SIZE, BLOCK_SIZES
 from ..weights import WeightsDir
 from . import ceilings as ceilings_mod
 from .baselines import PEERS, peer_legend
@@ -80,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--emulate-gpu-gb", type=float, default=None,
                    help="cap this process's device memory at N GiB (a big GPU behaves like an N GB card)")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights and prompt ids [%(default)s]")
+    p.add_argument("--block-size", type=int, default=BLOCK_SIZE, choices=BLOCK_SIZES,
+                   help="block size of synthetic weights (a weights dir has its own) [%(default)s]")
     p.add_argument("--out", help="CSV path [<device>-<model>-<date>.csv in the current dir]; the PNG and the "
                                  "conditions (.md) go beside it")
     p.add_argument("--note", default="", help="a line for the conditions file (e.g. what else ran on the machine)")
@@ -116,7 +119,7 @@ def resolve_model(args):
         model_dir, weights_dir = demo.prepare(progress=False)
         config = AutoConfig.from_pretrained(model_dir)
         if args.synthetic:
-            return "smollm2-135m", config, SyntheticWeights(config, args.seed), f"synthetic seed {args.seed}"
+            return "smollm2-135m", config, SyntheticWeights(config, args.seed, args.block_size), synthetic_note(args)
         w = WeightsDir(weights_dir)
         m = w.manifest
         return "smollm2-135m", config, w, f"the demo's weights: {m.get('method')} int4, lm_head {m.get('lm_head')}"
@@ -143,7 +146,11 @@ def resolve_model(args):
         return name, config, WeightsDir(args.weights), f"int4 {args.weights}"
     if path.is_dir() and not args.synthetic:
         raise OffloadError(f"{path}: give --weights (made by offload-quantize) or --synthetic")
-    return name, config, SyntheticWeights(config, args.seed), f"synthetic seed {args.seed}"
+    return name, config, SyntheticWeights(config, args.seed, args.block_size), synthetic_note(args)
+
+
+def synthetic_note(args) -> str:
+    return f"synthetic seed {args.seed}, block {args.block_size}"
 
 
 def device_label(device: torch.device, emulate_gb) -> tuple[str, str]:

@@ -139,18 +139,18 @@ class PerArchAutotuner:
     drops those whose estimated shared memory exceeds the device's opt-in limit. By default the
     launcher takes the first config the prune keeps (DefaultConfig: no benchmark ever runs in a
     timed region or a chat pause); with OFFLOAD_AUTOTUNE=1 it is triton.autotune over the kept ones,
-    its results cached on disk. Under the interpreter there is a single config.
+    its results cached on disk. Under the interpreter: the first of `interpret_configs` the prune keeps.
     """
 
-    def __init__(self, fn, key, configs_for, prune, interpret_config):
+    def __init__(self, fn, key, configs_for, prune, interpret_configs):
         self.fn, self.key, self.configs_for, self.prune = fn, key, configs_for, prune
-        self.interpret_config = interpret_config
+        self.interpret_configs = interpret_configs
         self._tuned = {}
 
     def for_device(self, device: torch.device):
         if INTERPRET or device.type != "cuda":
             family, limit = "interpret", SMEM_LIMIT[80]
-            configs = [self.interpret_config]
+            configs = self.interpret_configs
         else:
             index = device.index if device.index is not None else torch.cuda.current_device()
             family, limit = arch_family(device_arch(index)), smem_limit(index)

@@ -61,7 +61,7 @@ def _prune(configs, limit, named_args, kwargs):
 
 _tuner = PerArchAutotuner(
     _dequant_kernel, key=["N_KEY", "K_KEY"], configs_for=_configs, prune=_prune,
-    interpret_config=triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=1))
+    interpret_configs=[triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=1)])
 
 
 def _check_format(packed, scales, in_features):

@@ -70,16 +70,20 @@ def _gemm_kernel(
 
 def _configs(family):
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the shared-memory prune drops what does not fit
-    # (the last two only fit sm_80/87). Configs that spilled registers when compiled for sm_86/89
+    # (the last two BLOCK_K >= 64 shapes only fit sm_80/87). Configs that spilled registers when compiled for sm_86/89
     # (128x128x64 on 4 warps, anything 128x256 or 256x128 there) are left out; python -m offload.kernels.aot.
+    # The BLOCK_K = 32 configs come last: the prune keeps a config only when BLOCK_K divides the block size,
+    # so they are what a block-32 model runs, and larger blocks still take the first (BLOCK_K >= 64) ones.
     if family == 90:
         shapes = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
                   (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
-                  (128, 128, 64, 4, 4)]
+                  (128, 128, 64, 4, 4),
+                  (128, 128, 32, 8, 4), (128, 256, 32, 8, 4), (64, 128, 32, 4, 5)]
     else:
         shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                   (128, 64, 64, 4, 3), (64, 64, 128, 4, 4), (64, 256, 64, 8, 3), (64, 128, 128, 8, 3),
-                  (128, 128, 128, 8, 2)]
+                  (128, 128, 128, 8, 2),
+                  (128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 5)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
             for bm, bn, bk, w, st in shapes]
 
@@ -102,10 +106,10 @@ def _prune(configs, limit, named_args, kwargs):
 
 _tuner = PerArchAutotuner(
     _gemm_kernel, key=["M_KEY", "N_KEY", "K_KEY", "GROUP"], configs_for=_configs, prune=_prune,
-    interpret_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4},
-                                   num_warps=4, num_stages=1))
+    interpret_configs=[triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": bk, "GROUP_M": 4}, num_warps=4,
+                                     num_stages=1) for bk in (64, 32)])
 
-MIN_GROUP = 64  # the smallest BLOCK_K in the config lists, so every GROUP >= 64 has a usable config
+MIN_GROUP = 32  # the smallest BLOCK_K in the config lists, so every GROUP >= 32 has a usable config
 
 
 def supported_group(group: int) -> bool:

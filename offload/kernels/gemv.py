@@ -159,10 +159,18 @@ def fma_fits(config, block_m, group, bits=4):
     return block_m * per_block * config.kwargs["BLOCK_N"] <= FMA_MAX_VALUES_PER_THREAD * 32 * config.num_warps
 
 
+# (bits, GROUP, BLOCK_N, num_warps) of tl.dot variants that spilled when compiled for sm_86/89 although the
+# same config does not at other block sizes (python -m offload.kernels.aot, Triton 3.9): int8 at block 32
+# with 128-row tiles on 4 warps, 8 bytes.
+DOT_SPILLS = {(8, 32, 128, 4)}
+
+
 def _prune(configs, limit, named_args, kwargs):
     block_m, group, use_dot = kwargs["BLOCK_M"], kwargs["GROUP"], kwargs["USE_DOT"]
     bits = 8 if kwargs["INT8"] else 4
-    if not use_dot:
+    if use_dot:
+        configs = [c for c in configs if (bits, group, c.kwargs["BLOCK_N"], c.num_warps) not in DOT_SPILLS] or configs
+    else:
         configs = [c for c in configs if fma_fits(c, block_m, group, bits)] or configs
     x_bytes = named_args["x_ptr"].element_size()
     return prune_by_smem(configs, limit, lambda c: smem_estimate(c, group, block_m, x_bytes, use_dot, bits))
@@ -170,7 +178,7 @@ def _prune(configs, limit, named_args, kwargs):
 
 _tuner = PerArchAutotuner(
     _gemv_kernel, key=["M_KEY", "N_KEY", "K_KEY", "GROUP", "BLOCK_M", "INT8"], configs_for=_configs, prune=_prune,
-    interpret_config=triton.Config({"BLOCK_N": 16, "STAGES": 1}, num_warps=4, num_stages=1))
+    interpret_configs=[triton.Config({"BLOCK_N": 16, "STAGES": 1}, num_warps=4, num_stages=1)])
 
 
 def supported_group(group: int) -> bool:
