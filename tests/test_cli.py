@@ -249,7 +249,8 @@ def test_sampling_flags_change_the_reply(models, capsys):
     llama, llama_w = models["llama"]
 
     def reply(*flags):
-        assert run_main([str(llama), str(llama_w), "-p", "hello", "-n", "40", *flags]) == 0
+        # float32 logits: bf16 ones tie now and then on this random model, and top-k keeps every tied token
+        assert run_main([str(llama), str(llama_w), "-p", "hello", "-n", "40", "--dtype", "float32", *flags]) == 0
         return capsys.readouterr().out
 
     greedy = reply()
