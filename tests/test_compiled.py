@@ -40,13 +40,17 @@ def test_cache_len_buckets():
     assert cache_len(300, 400) == 400
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "int8-head", "triton"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "torch-kernel", "int8-head", "triton"])
 def test_decode_step_compiles_without_graph_breaks(models, llama_int8_head, kind, monkeypatch):
+    # "torch-kernel": PyTorch's cpu int4 op instead of our native one (OFFLOAD_CPU_KERNEL=torch);
     # "triton": the cuda path's products (the Triton launchers as the offload:: custom ops), selected on
     # cpu tensors by OFFLOAD_FORCE_TRITON under the interpreter, with the int8 head on its Triton kernel
-    model_dir, weights_dir = llama_int8_head if kind in ("int8-head", "triton") else models[kind]
+    model_dir, weights_dir = llama_int8_head if kind in ("int8-head", "triton") else models[kind.replace(
+        "torch-kernel", "llama")]
     if kind == "triton":
         monkeypatch.setenv("OFFLOAD_FORCE_TRITON", "1")
+    if kind == "torch-kernel":
+        monkeypatch.setenv("OFFLOAD_CPU_KERNEL", "torch")
     dtype = torch.float32 if kind == "triton" else torch.bfloat16  # the interpreter computes bf16 wrongly
     with offload.load(model_dir, weights_dir, device="cpu", dtype=dtype, progress=False,
                       compile=False) as engine, torch.inference_mode():
@@ -58,11 +62,15 @@ def test_decode_step_compiles_without_graph_breaks(models, llama_int8_head, kind
         torch._dynamo.reset()
         explained = torch._dynamo.explain(model.forward)(inputs_embeds=embeds, past_key_values=cache,
                                                          position_ids=pos[None], cache_position=pos, use_cache=True)
+        int4_kernel = {"NativeInt4Format": "offload_native.int4_mm",
+                       "CpuInt4Format": "aten._weight_int4pack_mm_for_cpu"}.get(type(engine.fmt).__name__)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
     ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
     kernels = {"int8-head": ["aten._weight_int8pack_mm"], "triton": ["offload.int4_linear", "offload.int8_linear"]}
-    for kernel in kernels.get(kind, ["aten._weight_int4pack_mm_for_cpu"]):
+    if kind == "torch-kernel":
+        assert int4_kernel == "aten._weight_int4pack_mm_for_cpu"
+    for kernel in kernels.get(kind, [int4_kernel]):
         assert any(kernel in op for op in ops), (kernel, sorted(ops))
 
 
