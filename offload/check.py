@@ -178,7 +178,7 @@ def _tiny_model(root: Path) -> tuple[Path, Path]:
 
 def reference_model(model_dir: Path, device="cpu", block_size: int | None = None):
     """The plain HF model, fp32, with each linear weight replaced by dequantize(quantize(w, block_size)) (absmax,
-    default block 128) and every other tensor (embeddings, norms, biases) rounded as the weights dir stores it."""
+    default block) and every other tensor (embeddings, norms, biases) rounded as the weights dir stores it."""
     from transformers import AutoModelForCausalLM
 
     from . import quant

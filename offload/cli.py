@@ -56,7 +56,8 @@ def quantize_main(argv=None) -> int:
                    "the first file of a split model)")
     p.add_argument("weights_dir", help="output dir (written atomically)")
     p.add_argument("--device", default="cpu", help="where to quantize: cpu or cuda (faster)")
-    p.add_argument("--block-size", type=int, default=128, help="elements per scale (default 128)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="elements per scale: 32, 64 or 128 (default 32: 4.5 bits per weight, see README)")
     p.add_argument("--shard-size", default="1GiB", help="output shard size (default 1GiB)")
     p.add_argument("--method", choices=("absmax", "mse", "gptq"), default=None,
                    help="how scales and int4 values are chosen (default: mse; measured in benchmarks/README.md)")
@@ -78,8 +79,9 @@ def _quantize(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise OffloadError("--device cuda requested but no CUDA GPU is available")
     # options not given take the library's defaults
-    chosen = {k: v for k, v in (("method", args.method), ("lm_head", args.lm_head)) if v is not None}
-    out = quantize_model(args.model_dir, args.weights_dir, block_size=args.block_size, device=args.device,
+    chosen = {k: v for k, v in (("method", args.method), ("lm_head", args.lm_head), ("block_size", args.block_size))
+              if v is not None}
+    out = quantize_model(args.model_dir, args.weights_dir, device=args.device,
                          shard_bytes=parse_size(args.shard_size), force=args.force, calibration=args.calibration,
                          **chosen)
     print(f"wrote {out}: {WeightsDir(out).describe()}", file=sys.stderr)

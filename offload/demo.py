@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import quant
 from .errors import OffloadError
 from .weights import DEFAULT_LM_HEAD, DEFAULT_METHOD, FORMAT_VERSION, MANIFEST, atomic_dir, quantize_model
 
@@ -64,5 +65,5 @@ def _current(manifest_path: Path) -> bool:
         m = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         return False
-    return (m.get("format_version"), m.get("method"), m.get("lm_head")) == (FORMAT_VERSION, DEFAULT_METHOD,
-                                                                           DEFAULT_LM_HEAD)
+    return (m.get("format_version"), m.get("method"), m.get("lm_head"), m.get("block_size")) == (
+        FORMAT_VERSION, DEFAULT_METHOD, DEFAULT_LM_HEAD, quant.BLOCK_SIZE)

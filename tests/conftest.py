@@ -50,7 +50,7 @@ def models(llama, qwen2):
 @pytest.fixture(scope="session")
 def blocks(models, tmp_path_factory):
     """blocks(kind, block_size) -> (model_dir, weights_dir): the tiny `kind` model quantized at that block size
-    (absmax, int4 lm_head, as the shared dirs; block 128 is the shared dir), made once per run on first use."""
+    (absmax, int4 lm_head, as the shared dirs; the default block is the shared dir), made once per run on first use."""
     root = tmp_path_factory.mktemp("blocks")
     made = {}
 

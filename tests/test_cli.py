@@ -149,14 +149,14 @@ def test_quantize_then_run_with_stats(models, tmp_path, capsys, keep_threads):
     assert s["peak_rss_bytes"] >= s["rss_bytes"] > s["host_bytes"]
 
 
-def test_quantize_at_block_32_then_run_gives_the_tokens_of_the_stored_weights(models, tmp_path, capsys,
-                                                                               generate_calls, keep_threads):
-    # the defaults (mse, int8 output projection) at block 32; the reference is the HF model holding the weights
+def test_quantize_with_the_defaults_then_run_gives_the_tokens_of_the_stored_weights(models, tmp_path, capsys,
+                                                                                     generate_calls, keep_threads):
+    # the defaults (mse, block 32, int8 output projection); the reference is the HF model holding the weights
     # dir's own tensors dequantized in float32, whatever the method chose
     llama, _ = models["llama"]
-    assert quantize_main([str(llama), str(tmp_path / "w"), "--block-size", "32"]) == 0
+    assert quantize_main([str(llama), str(tmp_path / "w")]) == 0
     m = tiny.manifest(tmp_path / "w")
-    assert m["block_size"] == 32 and m["tensors"]["lm_head.weight"]["quant"] == "int8"
+    assert m["block_size"] == 32 and m["tensors"]["lm_head.weight"]["quant"] == "int8" and m["method"] == "mse"
     assert run_main([str(llama), str(tmp_path / "w"), "-p", "1.1+2.3=?", "--raw", "-n", "16", "--temp", "0",
                      "--dtype", "float32", "-t", "1"]) == 0
     (call,) = generate_calls
