@@ -11,6 +11,7 @@ import psutil
 import pytest
 import torch
 
+from offload import quant
 from offload.bench import sweep
 from offload.bench.baselines import peer_legend
 from offload.bench.synthetic import SyntheticWeights
@@ -150,8 +151,9 @@ def test_synthetic_weights_shapes_and_values():
         if info.role == "linear":
             packed, scales = parts
             n, k = info.shape
-            assert packed.shape == (n, -(-k // 128) * 64) and packed.dtype == torch.uint8
-            assert scales.shape == (n, -(-k // 128)) and scales.dtype == torch.bfloat16
+            b = quant.BLOCK_SIZE
+            assert packed.shape == (n, -(-k // b) * b // 2) and packed.dtype == torch.uint8
+            assert scales.shape == (n, -(-k // b)) and scales.dtype == torch.bfloat16
             assert packed.float().std() > 50 and (scales > 0).all()
         else:
             (t,) = parts
