@@ -76,14 +76,16 @@ def test_decode_step_compiles_without_graph_breaks(models, llama_int8_head, kind
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_compiled_generate_matches_eager(models, kind):
+    # float32: inductor fuses the norms and rotary and rounds bf16 intermediates in another order than eager,
+    # which moves greedy tokens of these random models after a few steps; in float32 the two agree
     model_dir, weights_dir = models[kind]
     ids = prompt_ids("cpu")
-    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.bfloat16, progress=False,
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
                       compile=False) as engine:
         assert engine.compiled is None and not engine.stats["compiled"]
         expected = greedy(engine, ids)
     torch._dynamo.reset()
-    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.bfloat16, progress=False,
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
                       compile=True) as engine:
         assert torch.equal(greedy(engine, ids), expected)
         first = engine.stats
@@ -105,10 +107,10 @@ def test_streamed_plan_stays_eager(models):
     # copies through a quarter-size cache: matrices stream, nothing is bound for good, so no graph
     model_dir, weights_dir = models["llama"]
     ids = prompt_ids("cpu")
-    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.bfloat16, progress=False,
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
                       compile=False) as engine:
         expected = greedy(engine, ids)
-    with offload.load(model_dir, weights_dir, cache="25%", device="cpu", dtype=torch.bfloat16, progress=False,
+    with offload.load(model_dir, weights_dir, cache="25%", device="cpu", dtype=torch.float32, progress=False,
                       emulate_copies=True, compile=True) as engine:
         assert torch.equal(greedy(engine, ids), expected)
         assert engine.stats["compile_seconds"] == 0 and engine.stats["cache_misses"] > 0
