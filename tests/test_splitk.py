@@ -160,5 +160,5 @@ def test_plan_launches_the_config_the_tuner_gives(monkeypatch):
 
 
 def test_counters_cover_the_narrowest_tile():
-    configs = gemv._configs(80) + gemv._configs(90) + [gemv._tuner.interpret_config]
+    configs = gemv._configs(80) + gemv._configs(90) + list(gemv._tuner.interpret_configs)
     assert min(c.kwargs["BLOCK_N"] for c in configs) >= gemv.MIN_BLOCK_N
