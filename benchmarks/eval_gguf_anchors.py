@@ -2,10 +2,10 @@
 
     python benchmarks/eval_gguf_anchors.py --convert PATH/convert_hf_to_gguf.py [--out DIR]
 
-Rows, all scored with offload.evaluate on benchmarks/data/eval.txt (windows of 512, stride 256, float32,
-the same token ids for every row) against the demo's float32 HF dir (SmolLM2-135M-Instruct):
-  offload     absmax and mse at block 32, 64 and 128, output projection int8 (the default), quantized into
-              OUT/<method>-b<block> (reused when there)
+Rows, all scored with offload.evaluate on --text (default benchmarks/data/eval.txt; windows of 512, stride
+256, float32, the same token ids for every row) against the demo's float32 HF dir (SmolLM2-135M-Instruct):
+  offload     --methods (default absmax, mse) at --blocks (default 32, 64, 128), output projection int8
+              (the default), quantized into OUT/<method>-b<block> (reused when there)
   llama.cpp   the same float32 HF dir converted to an F32 GGUF by llama.cpp's own convert_hf_to_gguf.py
               (from the llama-cpp-python source: vendor/llama.cpp/convert_hf_to_gguf.py, run with its
               gguf-py), then Q4_0 and Q4_K_M made with llama_cpp.llama_model_quantize at llama.cpp's
@@ -13,7 +13,7 @@ the same token ids for every row) against the demo's float32 HF dir (SmolLM2-135
               through llama-cpp-python; the F32 row checks the harness (it must match the reference).
 Needs llama-cpp-python (and the convert script's requirements, e.g. sentencepiece) for the llama.cpp
 rows: without it they are skipped with a notice. Downloads nothing.
-Keeps each run's result in OUT/<method>-b<block>[+<gguf>].json; prints a markdown table; --results DIR also writes
+Keeps each run's result in OUT/<text>-<method>-b<block>[+<gguf>].json; prints a markdown table; --results DIR also writes
 cpu-smollm2-135m-block-anchors-<date>.{json,md} there with the conditions of the run.
 """
 import argparse
@@ -94,14 +94,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def result_path(out: Path, method: str, block: int, rider) -> Path:
-    return out / f"{method}-b{block}{'+' + rider[1].stem if rider else ''}.json"
+def result_path(out: Path, text: Path, method: str, block: int, rider) -> Path:
+    return out / f"{text.stem}-{method}-b{block}{'+' + rider[1].stem if rider else ''}.json"
 
 
 def run_variant(args, model_dir: Path, text: Path, method: str, block: int, rider) -> None:
     """Quantize (once) and evaluate one offload variant, with `rider` (name, GGUF) scored beside it; the result
     is kept in OUT, so a second process (--reverse) can share the work and an interrupted run goes on."""
-    path = result_path(args.out, method, block, rider)
+    path = result_path(args.out, text, method, block, rider)
     claim = path.with_suffix(".running")  # the pid of the process on it
     if path.exists() or (claim.exists() and pid_alive(int(claim.read_text()))):
         return
@@ -140,7 +140,7 @@ def conditions(args, results: list[dict], text: Path) -> dict:
             "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, no GPU"
                        if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "torch": torch.__version__, "llama_cpp_python": llama_cpp_version(),
-            "text": f"{text.relative_to(Path(__file__).parent.parent)} (sha256 "
+            "text": f"{os.path.relpath(text, Path(__file__).resolve().parent.parent)} (sha256 "
                     f"{hashlib.sha256(text.read_bytes()).hexdigest()[:16]}), {first['tokens']} tokens",
             "windows": f"{first['windows']} windows of {first['max_tokens']}, stride {first['stride']}, "
                        f"{first['scored_tokens']} tokens scored",
@@ -159,13 +159,16 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--text", type=Path, default=DATA / "eval.txt", help="held-out text (default: data/eval.txt)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help="offload methods (default: absmax mse)")
+    p.add_argument("--blocks", nargs="+", type=int, default=list(BLOCKS), help="block sizes (default: 32 64 128)")
     p.add_argument("--reverse", action="store_true", help="run the variants last to first: a second process "
                    "with the same --out shares the work (each result is kept in OUT)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "llama.log"
     model_dir, _ = prepare(progress=False)
-    text = DATA / "eval.txt"
+    text = args.text.resolve()
 
     ggufs = {}
     if llama_cpp_version() is None:
@@ -179,17 +182,17 @@ def main() -> None:
             ggufs[f"llama.cpp {kind}"] = quantize_gguf(f32, kind, args.out / f"smollm2-{kind.lower()}.gguf",
                                                        args.threads or 2, log)
 
-    variants = [(m, b) for b in BLOCKS for m in METHODS]
+    variants = [(m, b) for b in args.blocks for m in args.methods]
     riders = dict(zip(variants, ggufs.items()))  # each GGUF rides along one offload run: one reference pass less
     for method, block in variants[::-1] if args.reverse else variants:
         run_variant(args, model_dir, text, method, block, riders.get((method, block)))
-    missing = [v for v in variants if not result_path(args.out, *v, riders.get(v)).exists()]
+    missing = [v for v in variants if not result_path(args.out, text, *v, riders.get(v)).exists()]
     if missing:  # the other process (--reverse) is still on them: it writes the table
         print(f"eval_gguf_anchors: {len(missing)} runs still going in another process", file=sys.stderr)
         return
     results, rows = [], []
     for method, block in variants:
-        r = json.loads(result_path(args.out, method, block, riders.get((method, block))).read_text())
+        r = json.loads(result_path(args.out, text, method, block, riders.get((method, block))).read_text())
         results.append(r)
         rows.append(row(f"offload {method}, block {block}, lm_head int8", r["bits_per_weight"], r))
         if "gguf" in r:
@@ -202,7 +205,7 @@ def main() -> None:
     print(md)
     if args.results:
         cond = conditions(args, results, text)
-        stem = f"cpu-smollm2-135m-block-anchors-{cond['date'][:10]}"
+        stem = f"cpu-smollm2-135m-block-anchors-{text.stem}-{cond['date'][:10]}"
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / f"{stem}.json").write_text(json.dumps({"conditions": cond, "rows": rows, "runs": results},
                                                               indent=1))

@@ -1,11 +1,12 @@
 """Accuracy of each quantization method and lm_head precision on the demo model, plus a synthetic check.
 
     python benchmarks/eval_methods.py                       # every variant; JSON + a markdown table
-    python benchmarks/eval_methods.py --variants mse:int4 gptq:bf16 --out /tmp/evals
+    python benchmarks/eval_methods.py --variants mse:int4 gptq:bf16:32 --out /tmp/evals
 
-For each variant the demo model (SmolLM2-135M-Instruct) is quantized into OUT/<method>-<lm_head>
-(reused when it exists) and scored with offload.evaluate on benchmarks/data/eval.txt; gptq calibrates
-on benchmarks/data/calibration.txt (a different text). The synthetic check quantizes Gaussian weights,
+A variant is method:lm_head[:block size]. For each the demo model (SmolLM2-135M-Instruct) is quantized
+into OUT/<method>-<lm_head>-<block> (reused when it exists) and scored with offload.evaluate on
+benchmarks/data/eval.txt; the calibrated methods (gptq, awq, awq+gptq) read the built-in calibration
+text, offload/data/calibration.txt (a different text). The synthetic check quantizes Gaussian weights,
 where the answer is known: mse cannot reconstruct worse than absmax (absmax is one of its candidates),
 and GPTQ must lower the output error on its calibration activations.
 """
@@ -24,7 +25,7 @@ from offload.evaluate import evaluate
 from offload.weights import WeightsDir, quantize_model
 
 DATA = Path(__file__).parent / "data"
-VARIANTS = [f"{m}:{h}" for m in ("absmax", "mse", "gptq") for h in ("int4", "int8", "bf16")]
+VARIANTS = [f"{m}:int8:{b}" for b in quant.BLOCK_SIZES for m in methods.METHODS]
 
 
 def synthetic(seed=0, n=1024, k=1024, rows=4096) -> list[dict]:
@@ -54,35 +55,41 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def quantize_timed(model_dir, weights: Path, method: str, lm_head: str) -> dict:
+def parse_variant(variant: str) -> tuple[str, str, int]:
+    method, lm_head, *block = variant.split(":")
+    return method, lm_head, int(block[0]) if block else quant.BLOCK_SIZE
+
+
+def quantize_timed(model_dir, weights: Path, method: str, lm_head: str, block_size: int) -> dict:
     cpu0, t0 = cpu_seconds(), time.perf_counter()
-    quantize_model(model_dir, weights, method=method, lm_head=lm_head, force=True, progress=False,
-                   calibration=DATA / "calibration.txt" if method == "gptq" else None)
+    quantize_model(model_dir, weights, method=method, lm_head=lm_head, block_size=block_size, force=True,
+                   progress=False)
     return {"quantize_seconds": time.perf_counter() - t0, "quantize_cpu_seconds": cpu_seconds() - cpu0}
 
 
 def run_variant(model_dir, out: Path, variant: str, max_tokens: int, stride: int, requantize: bool) -> dict:
-    method, lm_head = variant.split(":")
-    weights = out / f"{method}-{lm_head}"
-    timing = out / f"{method}-{lm_head}.time.json"
+    method, lm_head, block = parse_variant(variant)
+    weights = out / f"{method}-{lm_head}-{block}"
+    timing = out / f"{method}-{lm_head}-{block}.time.json"
     if requantize or not (weights / "offload.json").exists():
-        timing.write_text(json.dumps({"quantize_cpu_seconds": quantize_timed(model_dir, weights, method,
-                                                                             lm_head)["quantize_cpu_seconds"]}))
+        timing.write_text(json.dumps({"quantize_cpu_seconds": quantize_timed(model_dir, weights, method, lm_head,
+                                                                             block)["quantize_cpu_seconds"]}))
     r = evaluate(model_dir, weights, DATA / "eval.txt", max_tokens=max_tokens, stride=stride, dtype="float32",
                  progress=False)  # the accuracy table compares against the exact float32 reference
     r["quantize_seconds"] = WeightsDir(weights).manifest["quantize_seconds"]
+    r["block_size"], r["bits_linears"] = block, r["bits_per_weight"]["linears"]  # stored bytes: K's padding counts
     r.update(json.loads(timing.read_text()) if timing.exists() else {"quantize_cpu_seconds": None})
     return r
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | lm_head | ppl | change | top-1 agreement | mean KL (nats) | quantize wall | quantize CPU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | block | bits | lm_head | ppl | change | top-1 agreement | mean KL (nats) | quantize wall | "
+             "quantize CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
     if rows:
-        lines.insert(2, f"| unquantized | - | {rows[0]['reference_ppl']:.3f} | - | - | - | - | - |")
+        lines.insert(2, f"| unquantized | - | - | - | {rows[0]['reference_ppl']:.3f} | - | - | - | - | - |")
     for r in rows:
         cpu = r.get("quantize_cpu_seconds")
-        lines.append(f"| {r['method']} | {r['lm_head']} | {r['ppl']:.3f} | {100 * r['ppl_change']:+.1f}% | "
+        lines.append(f"| {r['method']} | {r['block_size']} | {r['bits_linears']:.3f} | {r['lm_head']} | {r['ppl']:.3f} | {100 * r['ppl_change']:+.1f}% | "
                      f"{100 * r['top1_agreement']:.1f}% | {r['kl_mean']:.4f} | {r['quantize_seconds']:.1f} s | "
                      f"{'-' if cpu is None else f'{cpu:.1f} s'} |")
     return "\n".join(lines)
@@ -110,8 +117,7 @@ def main() -> None:
     model_dir, _ = prepare(progress=False)
     if args.quantize_only:
         for variant in args.variants:
-            method, lm_head = variant.split(":")
-            t = quantize_timed(model_dir, out / "timing", method, lm_head)
+            t = quantize_timed(model_dir, out / "timing", *parse_variant(variant))
             print(f"quantize {variant}: {t['quantize_seconds']:.1f} s wall, {t['quantize_cpu_seconds']:.1f} s CPU",
                   flush=True)
         return

@@ -59,9 +59,12 @@ def quantize_main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=None,
                    help="elements per scale: 32, 64 or 128 (default 128: 4.125 bits per weight; 32 is 4.5 bits and loses far less accuracy, see README)")
     p.add_argument("--shard-size", default="1GiB", help="output shard size (default 1GiB)")
-    p.add_argument("--method", choices=("absmax", "mse", "gptq"), default=None,
-                   help="how scales and int4 values are chosen (default: mse; measured in benchmarks/README.md)")
-    p.add_argument("--calibration", metavar="FILE", help="plain text whose activations drive --method gptq")
+    p.add_argument("--method", choices=("auto", "absmax", "mse", "gptq", "awq", "awq+gptq"), default=None,
+                   help="how scales and int4 values are chosen (default auto: awq+gptq for an HF dir of the Llama, "
+                   "Mistral and Qwen2 families, gptq for other HF dirs, mse for a GGUF; see README)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="plain text whose activations drive the methods gptq, awq and awq+gptq (default: the "
+                   "built-in text)")
     p.add_argument("--lm-head", choices=("int4", "int8", "bf16"), default=None,
                    help="precision of the output projection: int8 (default) and bf16 stay resident on the device, "
                    "int4 is streamed like the other linears")

@@ -21,6 +21,8 @@ import time
 import torch
 from transformers import CompileConfig, StaticCache
 
+from .modules import kv_cache
+
 MIN_CACHE_LEN = 256
 COMPILE_MODES = ("auto", True, False)
 
@@ -95,7 +97,7 @@ class CompiledDecode:
         ids = kwargs.pop("input_ids", None)
         if ids is not None and kwargs.get("inputs_embeds") is None:
             kwargs["inputs_embeds"] = self.model.get_input_embeddings()(ids)  # [B, T, D], outside the graph
-        past = kwargs.get("past_key_values")
+        past = kv_cache(kwargs)
         shape = (kwargs["inputs_embeds"].shape[0], past.layers[0].get_max_length() if past is not None else None)
         compiling = shape not in self._shapes
         if compiling:  # not a decode step worth timing: left out of the figures, reported once

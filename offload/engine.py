@@ -24,8 +24,8 @@ from .errors import OffloadError
 from .formats import make_format
 from .fusion import fusion_groups, gather_biases, swap_fused
 from .host import HostStore, check_ram, entry_shapes, layout
-from .modules import (Int8Linear, OffloadedLinear, empty_model, linear_modules, swap_host_embedding, swap_int8_linears,
-                      swap_linears)
+from .modules import (Int8Linear, OffloadedLinear, empty_model, kv_cache, kv_cache_kwarg, linear_modules,
+                      swap_host_embedding, swap_int8_linears, swap_linears)
 from .prefetch import Prefetcher
 from .source import check_no_custom_code, regular_file
 from .weights import WeightsDir
@@ -438,10 +438,10 @@ class Engine:
         """With the compiled decode step: HF generate `kwargs` get the engine's static KV cache (what makes
         HF call the compiled step) unless they bring a cache or disable compiling. -> kwargs.
         Call it under torch.inference_mode(), as generate runs: the cache is reset in place."""
-        if self.compiled is None or kwargs.get("past_key_values") is not None or kwargs.get("disable_compile"):
+        if self.compiled is None or kv_cache(kwargs) is not None or kwargs.get("disable_compile"):
             return kwargs
         ids = kwargs["input_ids"]  # [B, T]
-        kwargs["past_key_values"] = self.compiled.static_cache(ids.shape[0], ids.shape[1] + kwargs["max_new_tokens"])
+        kwargs[kv_cache_kwarg(self.model)] = self.compiled.static_cache(ids.shape[0], ids.shape[1] + kwargs["max_new_tokens"])
         return kwargs
 
     def _generate_locked(self, kwargs):

@@ -224,7 +224,8 @@ def converted(path, progress=True) -> Path:
     Keyed by the file's name and a hash of its metadata, so another file never reuses it; made again
     when it was made by another format version or with other defaults."""
     from .demo import cache_root
-    from .weights import DEFAULT_LM_HEAD, DEFAULT_METHOD, FORMAT_VERSION, MANIFEST, quantize_model
+    from .methods import default_method
+    from .weights import DEFAULT_LM_HEAD, FORMAT_VERSION, MANIFEST, quantize_model
     source = GGUFSource(path)
     fingerprint = source.fingerprint()
     out = cache_root() / "gguf" / f"{source.name}-{fingerprint[:16]}"
@@ -233,7 +234,7 @@ def converted(path, progress=True) -> Path:
     except (OSError, ValueError):
         m = {}
     if (m.get("format_version"), m.get("method"), m.get("lm_head"), m.get("source_sha256")) != (
-            FORMAT_VERSION, DEFAULT_METHOD, DEFAULT_LM_HEAD, fingerprint):
+            FORMAT_VERSION, default_method(True, None), DEFAULT_LM_HEAD, fingerprint):
         print(f"offload: converting {source.path.name} to {out} (once)", file=sys.stderr)
         quantize_model(source.path, out, force=True, progress=progress)
         print(cost_hint(source.path, out), file=sys.stderr)

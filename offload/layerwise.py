@@ -20,7 +20,7 @@ from .modules import empty_model
 from .source import SourceModel
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass early (its output is not needed)."""
 
 
@@ -102,10 +102,10 @@ class LayerwiseModel:
                 first.append(hidden)
             seen.append((args, kwargs, ids.shape[1]))
             if i == len(self.decoder_layers) - 1:
-                raise _Stop  # the final norm is not needed yet
+                raise StopForward  # the final norm is not needed yet
             return hidden
 
-        with self._stubbed(record), contextlib.suppress(_Stop):
+        with self._stubbed(record), contextlib.suppress(StopForward):
             self.model.base_model(input_ids=ids.to(self.device), use_cache=False)
         if self.kwargs is None:
             self.kwargs = seen
@@ -147,11 +147,11 @@ class LayerwiseModel:
 
         def grab(module, args):
             got.append(args[0])
-            raise _Stop
+            raise StopForward
 
         handle = self.head.register_forward_pre_hook(grab)
         try:
-            with contextlib.suppress(_Stop):
+            with contextlib.suppress(StopForward):
                 self.logits(ids, final_hidden)
         finally:
             handle.remove()

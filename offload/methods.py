@@ -1,7 +1,7 @@
 """Quantization methods: how the int4 values and scales of a weight are chosen.
 
 Every method writes the same layout (`offload.quant`: symmetric int4 in [-8, 7], one bf16 scale per
-block of 128 along the input dimension), so every kernel reads every method's output; only the values
+block along the input dimension), so every kernel reads every method's output; only the values
 differ, and every result is rounded by `quant.quantize` with the scales the method chose.
 
   absmax  scale = absmax(block) / 7 (the reference design).
@@ -10,16 +10,34 @@ differ, and every result is rounded by `quant.quantize` with the scales the meth
   gptq    GPTQ error compensation (Frantar et al., 2022): quantize a layer's columns in order and
           spread each column's rounding error over the columns not yet quantized, weighted by the
           inverse Hessian H = X^T X of the layer's inputs X on calibration text. Needs activations,
-          so it runs layer by layer over the whole model (`gptq_model`).
+          so it runs layer by layer over the whole model (`calibrated_model`). Columns go in order of
+          decreasing Hessian diagonal ("act-order") with each block's scale fixed beforehand ("static
+          groups": the stored layout is unchanged). Each layer's Hessians come from one pass over the
+          calibration inputs (`sequential`, quantizing a layer's linears in call order from inputs made
+          by the quantized ones before, measured no better: benchmarks/README.md).
+  awq     activation-aware scaling (Lin et al., 2023): per input channel c, scale the weight columns by
+          s_c = mean|x_c|^alpha (alpha searched per group of linears reading the same input, for the
+          least output error on calibration text) and divide the input by s_c where it is made: the
+          RMSNorm weight before q/k/v and gate/up, the up_proj rows before down_proj. The model computes
+          the same function in full precision; the salient channels get finer int4 steps. The scaled
+          weights are then rounded with the mse scale search; `awq+gptq` runs GPTQ on them instead.
+
+Methods that need activations (gptq, awq, awq+gptq) read calibration text: by default the text
+shipped in offload/data/calibration.txt (written for this project), or the user's own file.
 """
+import contextlib
+from pathlib import Path
+
 import torch
 
 from . import quant
 from .errors import OffloadError
-from .layerwise import LayerwiseModel
+from .layerwise import LayerwiseModel, StopForward
 from .source import SourceModel
 
-METHODS = ("absmax", "mse", "gptq")
+METHODS = ("absmax", "mse", "gptq", "awq", "awq+gptq")
+CALIBRATED = ("gptq", "awq", "awq+gptq")  # the methods that run the model on calibration text
+CALIBRATION_TEXT = Path(__file__).with_name("data") / "calibration.txt"  # the default calibration text
 # Shrink factors of the absmax scale tried by `mse`. 1.0 keeps absmax among the candidates, so the
 # chosen scale never reconstructs a block worse than absmax does.
 MSE_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))  # 1.00, 0.98, ..., 0.50
@@ -32,6 +50,23 @@ GPTQ_DAMP = 0.01  # of the mean Hessian diagonal, added to the diagonal (keeps H
 GPTQ_FACTOR_DTYPE = torch.float64
 GPTQ_SEQ_LEN = 512  # tokens per calibration sequence
 GPTQ_MAX_SEQUENCES = 128
+GPTQ_BATCH = 128  # columns per lazy update of the rest of the matrix (GPTQ's "block"; not the quant block)
+AWQ_GRID = tuple(i / 20 for i in range(20))  # alpha: 0 (no scaling) .. 0.95
+AWQ_NORMS = ("input_layernorm", "post_attention_layernorm")  # their weights take the scales of q/k/v, gate/up
+# (norm or linear that makes the input, linears reading it), relative to a decoder layer
+AWQ_GROUPS = ((AWQ_NORMS[0], ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+              (AWQ_NORMS[1], ("mlp.gate_proj", "mlp.up_proj")),
+              ("self_attn.v_proj", ("self_attn.o_proj",)),  # only where v's rows are o's columns (no GQA)
+              ("mlp.up_proj", ("mlp.down_proj",)))
+AWQ_FAMILIES = ("llama", "mistral", "qwen2")  # RMSNorm as x / rms * weight: the scale folds into the weight
+
+
+def default_method(gguf: bool, model_type: str) -> str:
+    """What `auto` (the default) quantizes with: awq+gptq where AWQ's scales fold (an HF dir of AWQ_FAMILIES),
+    gptq for other HF dirs, mse for a GGUF (no layer-by-layer runs from GGUF tensors)."""
+    if gguf:
+        return "mse"
+    return "awq+gptq" if model_type in AWQ_FAMILIES else "gptq"
 
 
 def absmax_scales(w: torch.Tensor, block_size: int = quant.BLOCK_SIZE) -> torch.Tensor:
@@ -67,8 +102,8 @@ def quantize_weight(w: torch.Tensor, method: str = "absmax", block_size: int = q
         return quant.quantize(w, block_size)
     if method == "mse":
         return quant.quantize(w, block_size, scales=mse_scales(w, block_size))
-    if method == "gptq":
-        raise OffloadError("method gptq needs calibration activations: use gptq() or gptq_model()")
+    if method in CALIBRATED:
+        raise OffloadError(f"method {method} needs calibration activations: use calibrated_model()")
     raise OffloadError(f"unknown quantization method {method!r} (choose from {', '.join(METHODS)})")
 
 
@@ -118,25 +153,26 @@ def _inverse_hessian_factor(box: list, damp: float, dtype=GPTQ_FACTOR_DTYPE) -> 
 
 def gptq_peak_bytes(n: int, k: int, block_size: int = quant.BLOCK_SIZE, dtype=GPTQ_FACTOR_DTYPE) -> int:
     """Bytes `gptq` allocates at its peak for a weight [N, K], besides its arguments: while the
-    factor is computed, two [Kp, Kp] matrices of `dtype` and the float32 work copy [N, Kp]; in the
-    column loop, U and three [N, Kp] float32 (work, out, one lazy-update product). Library
-    workspaces (cuSOLVER, LAPACK) come on top."""
+    factor is computed, two [Kp, Kp] matrices of `dtype` and two float32 [N, Kp] (work copy, each
+    column's scale); in the column loop, U and four [N, Kp] float32 (work, scales, out, one lazy-update
+    product). Library workspaces (cuSOLVER, LAPACK) come on top."""
     kp = quant.padded_k(k, block_size)
-    factor = 2 * (torch.finfo(dtype).bits // 8) * kp * kp + 4 * n * kp
-    loop = 4 * kp * kp + 3 * 4 * n * kp
+    factor = 2 * (torch.finfo(dtype).bits // 8) * kp * kp + 2 * 4 * n * kp
+    loop = 4 * kp * kp + 4 * 4 * n * kp
     return max(factor, loop)
 
 
 def gptq(w: torch.Tensor, hessian, block_size: int = quant.BLOCK_SIZE, damp: float = GPTQ_DAMP,
-         scale_search: str = "absmax", factor_dtype=None):
+         scale_search: str = "mse", factor_dtype=None, act_order: bool = True):
     """GPTQ-quantize one weight [N, K] given H = X^T X [K, K] of its inputs -> (packed, scales) as `quant.quantize`.
 
-    Columns are quantized left to right; the scale of a block is chosen (`scale_search`: absmax or
-    mse) from the block's weights as updated by the errors of the blocks before it, when the block is
-    reached. Blocks of 128 columns are also GPTQ's lazy-update batches. `hessian` may be a `Hessian`:
-    its matrix is then consumed (modified and released: `hessian.h` becomes None) to save memory.
-    `factor_dtype`: of the inverse-Hessian factorization (None: GPTQ_FACTOR_DTYPE). Peak memory:
-    `gptq_peak_bytes`.
+    act_order (default): the scales of all blocks are chosen first (`scale_search`: absmax or mse, on the
+    weight as given), then columns are quantized in order of decreasing H diagonal, the most active
+    inputs first, while the error still has the most columns left to go to. Otherwise columns go left to
+    right and each block's scale is chosen when the block is reached, from its updated weights.
+    `hessian` may be a `Hessian`: its matrix is then consumed (modified and released: `hessian.h` becomes
+    None) to save memory. `factor_dtype`: of the inverse-Hessian factorization (None: GPTQ_FACTOR_DTYPE).
+    Peak memory: `gptq_peak_bytes`.
     """
     n, k = w.shape
     owner, hessian = (hessian, hessian.h) if isinstance(hessian, Hessian) else (None, hessian)
@@ -155,28 +191,43 @@ def gptq(w: torch.Tensor, hessian, block_size: int = quant.BLOCK_SIZE, damp: flo
     dead = h.diagonal() == 0  # inputs that are always 0 (and the padding): any value works, pick 0
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
+    scales = torch.empty(n, kp // block_size, dtype=torch.bfloat16, device=w.device)
+    order = torch.arange(kp, device=w.device)
+    col_scale = None  # fp32 [N, Kp]: the scale of each column, in the order columns are quantized
+    if act_order:
+        scales = search(work, block_size)  # static groups: [N, Kp / block]
+        order = torch.argsort(h.diagonal(), descending=True, stable=True)
+        work = work[:, order]
+        h = h[order]  # one [Kp, Kp] copy at a time: each rebinding frees the previous matrix
+        h = h[:, order]
+        col_scale = scales.float()[:, order // block_size]
     box = [h]
     del h  # the factorization frees H as soon as it can: it must hold the only reference
     u = _inverse_hessian_factor(box, damp, factor_dtype or GPTQ_FACTOR_DTYPE)  # [Kp, Kp]
 
-    out = torch.empty_like(work)  # fake-quantized weights [N, Kp]
-    scales = torch.empty(n, kp // block_size, dtype=torch.bfloat16, device=w.device)
-    for b, i1 in enumerate(range(0, kp, block_size)):
-        i2 = i1 + block_size
-        block = work[:, i1:i2].clone()  # [N, B]
-        s = search(block, block_size)  # bf16 [N, 1]
-        scales[:, b] = s[:, 0]
-        s = s.float()
-        errors = torch.empty_like(block)
+    out = torch.empty_like(work)  # fake-quantized weights [N, Kp], in quantization order
+    for i1 in range(0, kp, GPTQ_BATCH):
+        i2 = min(i1 + GPTQ_BATCH, kp)
+        batch = work[:, i1:i2].clone()  # [N, B]
+        errors = torch.empty_like(batch)
         ub = u[i1:i2, i1:i2]
-        for j in range(block_size):
-            col = block[:, j:j + 1]  # [N, 1]
+        for j in range(i2 - i1):
+            i = i1 + j
+            if col_scale is not None:
+                s = col_scale[:, i:i + 1]  # [N, 1]
+            elif i % block_size == 0:  # a new block (within this batch: block sizes divide GPTQ_BATCH)
+                chosen = search(batch[:, j:j + block_size], block_size)  # from the weights as updated so far
+                scales[:, i // block_size] = chosen[:, 0]
+                s = chosen.float()
+            col = batch[:, j:j + 1]  # [N, 1]
             q = quant.round_blocks(col, s) * s  # what dequantize(quantize(...)) gives
-            out[:, i1 + j:i1 + j + 1] = q
+            out[:, i:i + 1] = q
             err = (col - q) / ub[j, j]
-            block[:, j:] -= err * ub[j:j + 1, j:]  # feed the error to the rest of the block
+            batch[:, j:] -= err * ub[j:j + 1, j:]  # feed the error to the rest of the batch
             errors[:, j:j + 1] = err
-        work[:, i2:] -= errors @ u[i1:i2, i2:]  # ... and, lazily, to every later block
+        work[:, i2:] -= errors @ u[i1:i2, i2:]  # ... and, lazily, to every later column
+    if act_order:
+        out = out[:, torch.argsort(order)]  # back to column order
     # out is exactly representable with `scales`: quantize recovers the same int4 values
     return quant.quantize(out[:, :k], block_size, scales=scales)
 
@@ -191,48 +242,177 @@ def _calibration_ids(tokenizer_dir, text: str, seq_len: int, max_sequences: int)
     return torch.tensor(ids[:count * seq_len]).view(count, seq_len)
 
 
-@torch.no_grad()
-def gptq_model(model_dir, calibration_text: str, keys, *, block_size=quant.BLOCK_SIZE, device="cpu",
-               seq_len=GPTQ_SEQ_LEN, max_sequences=GPTQ_MAX_SEQUENCES, damp=GPTQ_DAMP, scale_search="absmax", progress=True):
-    """GPTQ over a whole HF model, one decoder layer at a time: yields (weight key, packed, scales) for `keys`.
+def _stages(layer: torch.nn.Module, linears: dict, run) -> list[list[str]]:
+    """The keys of `linears` in groups, in the order `run()` (a forward of `layer`) first calls them;
+    linears called one after another on the same input tensor form one group (q/k/v, gate/up)."""
+    key_of = {id(m): key for key, m in linears.items()}
+    calls = []  # (key, input): the inputs are kept alive so that `is` compares real tensors
+    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((key_of[id(mod)], args[0])))
+             for m in linears.values()]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    stages, done, last = [], set(), None
+    for key, x in calls:
+        if key not in done:
+            if stages and x is last:
+                stages[-1].append(key)
+            else:
+                stages.append([key])
+            done.add(key)
+        last = x
+    return stages + [[key] for key in linears if key not in done]  # never called: quantized last
 
-    Each layer's linears get their Hessians from the layer's inputs, which come from the layers
-    before it *already quantized* (errors of earlier layers are compensated too). Memory: the
-    non-layer parameters, one float32 decoder layer, and the calibration activations [S, L, H].
-    The output projection is in `keys` when it should be GPTQ-quantized too.
+
+def _awq_search(w: torch.Tensor, h: torch.Tensor, x_mean: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The per-input-channel scale s [K] (s = x_mean^alpha, alpha from AWQ_GRID) for which rounding W * s
+    and dividing the input by s gives the least output error on the calibration inputs; w [N, K] fp32,
+    h = X^T X / rows [K, K] of those inputs (the output error of a weight error E is sum((E @ H) * E): no
+    pass over the tokens per alpha)."""
+    best, best_err = torch.ones_like(x_mean), float("inf")
+    base = x_mean.clamp(min=1e-5)
+    for alpha in AWQ_GRID:
+        s = base.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()  # centred around 1: keeps the scaled weights in a sane range
+        e = quant.dequantize(*quant.quantize(w * s, block_size), w.shape) / s - w  # [N, K]
+        err = ((e @ h) * e).sum().item()
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def _awq_layer(runner: LayerwiseModel, i: int, layer: torch.nn.Module, hidden: list, block_size: int):
+    """Search and fold AWQ scales into decoder layer i (its modules change in place; the layer computes the
+    same function) -> {key: new weight} of the norms that took a scale (stored unquantized)."""
+    modules = dict(layer.named_modules())
+    groups = []
+    for src, names in AWQ_GROUPS:
+        parts = [modules.get(n) for n in names]
+        if src not in modules or not all(isinstance(m, torch.nn.Linear) for m in parts):
+            continue
+        maker = modules[src]
+        if isinstance(maker, torch.nn.Linear) and maker.out_features != parts[0].in_features:
+            continue  # grouped-query attention: v's rows are not o's columns
+        groups.append((src, maker, parts))
+    # per group: H = X^T X / rows and sum |x| of the input its linears share
+    stats = {src: [Hessian(parts[0].in_features, runner.device), 0.0] for src, _, parts in groups}
+
+    def record(src):
+        def hook(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # [L, K]
+            stats[src][0].add(x)
+            stats[src][1] = stats[src][1] + x.abs().sum(0)
+        return hook
+
+    hooks = [parts[0].register_forward_pre_hook(record(src)) for src, _, parts in groups]
+    try:
+        for h in hidden:
+            runner.run_layer(i, layer, h)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    changed = {}
+    for src, maker, parts in groups:
+        h, abs_sum = stats.pop(src)
+        w = torch.cat([m.weight for m in parts]).float()  # [sum N, K]
+        s = _awq_search(w, h.h, abs_sum / h.rows, block_size)  # [K]
+        for m in parts:
+            m.weight.mul_(s)
+        if isinstance(maker, torch.nn.Linear):  # its output rows make the input channels
+            maker.weight.div_(s[:, None])
+            if maker.bias is not None:
+                maker.bias.div_(s)
+        else:
+            maker.weight.div_(s)
+            changed[f"{runner.layer_prefix[i]}{src}.weight"] = maker.weight.detach().clone()
+    return changed
+
+
+@torch.no_grad()
+def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", block_size=quant.BLOCK_SIZE,
+                     device="cpu", seq_len=GPTQ_SEQ_LEN, max_sequences=None, damp=GPTQ_DAMP,
+                     scale_search="mse", act_order=True, sequential=False, progress=True):
+    """A calibrated method (gptq, awq, awq+gptq) over a whole HF model, one decoder layer at a time: yields
+    (key, (packed, scales)) for each int4 weight in `keys`, and, for awq, (key, tensor) for each norm weight
+    that took a scale.
+
+    Each layer's inputs come from the layers before it *already quantized*, so their errors are compensated
+    too; within a layer (`sequential`), GPTQ quantizes the linears in the order the forward calls them,
+    re-running the layer so that each group's Hessian comes from inputs made by the quantized groups before
+    it (otherwise one pass gives every Hessian). Memory: the
+    non-layer parameters, one float32 decoder layer, and the calibration activations [S, L, H]. The output
+    projection is in `keys` when it should be quantized here too (GPTQ on the final norm's outputs).
     """
     from tqdm import tqdm
+    if method not in CALIBRATED:
+        raise OffloadError(f"method {method!r} takes no calibration (choose from {', '.join(CALIBRATED)})")
     source = SourceModel(model_dir)
-    ids = _calibration_ids(model_dir, calibration_text, seq_len, max_sequences)  # [S, L]
+    if method.startswith("awq") and source.config.model_type not in AWQ_FAMILIES:
+        raise OffloadError(f"method {method} folds scales into the norms of the {', '.join(AWQ_FAMILIES)} "
+                           f"families, not {source.config.model_type}: use gptq or mse")
+    use_gptq = method.endswith("gptq")
+    ids = _calibration_ids(model_dir, calibration_text, seq_len, max_sequences or GPTQ_MAX_SEQUENCES)  # [S, L]
     runner = LayerwiseModel(source, device, torch.float32)
     keys = set(keys)
     hidden = [runner.embed(row[None]) for row in ids]  # S x [1, L, H]
     names = {id(m): n for n, m in runner.model.named_modules()}
-    layers = tqdm(runner.layers(), total=len(runner.decoder_layers), desc="gptq", unit="layer",
+    layers = tqdm(runner.layers(), total=len(runner.decoder_layers), desc=method, unit="layer",
                   disable=not progress)
     for i, layer in layers:
+        if method.startswith("awq"):
+            yield from _awq_layer(runner, i, layer, hidden, block_size).items()
         linears = {f"{names[id(m)]}.weight": m for m in layer.modules()
                    if isinstance(m, torch.nn.Linear) and f"{names[id(m)]}.weight" in keys}
-        hessians = {key: Hessian(m.in_features, runner.device) for key, m in linears.items()}
-        hooks = [m.register_forward_pre_hook(lambda mod, args, h=hessians[key]: h.add(args[0]))
-                 for key, m in linears.items()]
-        try:
-            for h in hidden:
-                runner.run_layer(i, layer, h)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        for key, m in linears.items():
-            packed, scales = gptq(m.weight, hessians.pop(key), block_size, damp, scale_search)  # consumed
-            # later layers see this layer's real (quantized) output
-            m.weight.copy_(quant.dequantize(packed, scales, tuple(m.weight.shape)))
-            yield key, packed.cpu(), scales.cpu()
-        del hessians
+        stages = [list(linears)]  # sequential GPTQ: one stage per group of linears, in call order
+        if use_gptq and sequential:
+            stages = _stages(layer, linears, lambda: runner.run_layer(i, layer, hidden[0]))
+        for stage in stages:
+            if use_gptq:
+                hessians, last = {}, [None, None]  # last: (input, its Hessian); q/k/v and gate/up share one
+
+                def add(key):
+                    def hook(mod, args):
+                        x = args[0]
+                        if x is last[0]:
+                            hessians[key] = last[1]
+                        else:
+                            h = hessians.setdefault(key, Hessian(linears[key].in_features, runner.device))
+                            h.add(x)
+                            last[:] = x, h
+                        if key == stage[-1]:
+                            raise StopForward  # the rest of the layer is not needed for this stage
+                    return hook
+
+                hooks = [linears[key].register_forward_pre_hook(add(key)) for key in stage]
+                try:
+                    for h in hidden:
+                        with contextlib.suppress(StopForward):
+                            runner.run_layer(i, layer, h)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                last[:] = None, None
+            for n, key in enumerate(stage):
+                m = linears[key]
+                if use_gptq:
+                    hess = hessians.pop(key)
+                    shared = any(hessians.get(other) is hess for other in stage[n + 1:])
+                    packed, scales = gptq(m.weight, hess.h.clone() if shared else hess, block_size, damp, scale_search,
+                                          act_order=act_order)  # the last user consumes the Hessian
+                else:
+                    packed, scales = quantize_weight(m.weight, scale_search, block_size)
+                # later stages and layers see this linear's real (quantized) output
+                m.weight.copy_(quant.dequantize(packed, scales, tuple(m.weight.shape)))
+                yield key, (packed.cpu(), scales.cpu())
         hidden = [runner.run_layer(i, layer, h) for h in hidden]
     if runner.head_key in keys:
-        h = Hessian(runner.head.in_features, runner.device)
-        for row, final in zip(ids, hidden):
-            h.add(runner.head_input(row[None], final))
-        packed, scales = gptq(runner.head.weight, h, block_size, damp, scale_search)
-        yield runner.head_key, packed.cpu(), scales.cpu()
-
+        if use_gptq:
+            h = Hessian(runner.head.in_features, runner.device)
+            for row, final in zip(ids, hidden):
+                h.add(runner.head_input(row[None], final))
+            packed, scales = gptq(runner.head.weight, h, block_size, damp, scale_search, act_order=act_order)
+        else:
+            packed, scales = quantize_weight(runner.head.weight, scale_search, block_size)
+        yield runner.head_key, (packed.cpu(), scales.cpu())

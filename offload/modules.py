@@ -1,6 +1,7 @@
 """`OffloadedLinear` and the module swap: an HF model built without weights whose nn.Linear
 layers fetch their int4 weight from the device cache on every call."""
 import contextlib
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,18 @@ def empty_model(config, dtype=torch.float32, attn_implementation="sdpa") -> nn.M
     """The HF causal LM for `config` with every parameter on the meta device."""
     with _params_on_meta():
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def kv_cache(kwargs: dict):
+    """The KV cache in the keyword arguments of an HF forward or generate call, or None: transformers 5.25
+    renamed `past_key_values` to `cache` (the old name still works there, deprecated)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def kv_cache_kwarg(model: nn.Module) -> str:
+    """The name this transformers version's forward takes the KV cache by: "cache" or "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:

@@ -11,6 +11,8 @@ from collections import deque
 
 import torch
 
+from .modules import kv_cache
+
 
 WARMUP_STEPS = 2  # decode steps left out of the steady figure: kernel compilation, first copies
 
@@ -68,7 +70,7 @@ class PassTimer:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs["inputs_embeds"]
-        past = kwargs.get("past_key_values")
+        past = kv_cache(kwargs)
         prefill = past is None or past.get_seq_length() == 0
         phase = "prefill" if prefill else "decode"
         if self.cuda:

@@ -7,7 +7,7 @@ weights/
   config.json, tokenizer files  copied so the dir is self-contained
 A linear's manifest record says its "quant": int4 (every decoder linear), or for the output projection
 also int8 ("<name>.qweight" int8 [N, Kp] + "<name>.scales", see offload.quant) or bf16 ("<name>.weight").
-The manifest also records the method (absmax, mse, gptq: offload.methods) and its options.
+The manifest also records the method (absmax, mse, gptq, awq, awq+gptq: offload.methods) and its options.
 Only safetensors and JSON are read: no pickle anywhere.
 """
 import hashlib
@@ -34,10 +34,11 @@ from .units import fmt_bytes
 MANIFEST = "offload.json"
 FORMAT_VERSION = 1
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Defaults chosen by measurement (benchmarks/README.md, "Quantization methods"): mse decoder linears and
-# an int8 output projection come within a point of GPTQ's perplexity at a fraction of its cost, with
-# no calibration text and no forward pass; an int4 output projection costs the most accuracy per byte.
-DEFAULT_METHOD = "mse"
+# Defaults chosen by measurement (benchmarks/README.md, "Quantization methods" and "Block sizes and the
+# llama.cpp anchors"): "auto" is awq+gptq on an HF dir (methods.default_method), which on the demo model loses
+# a third of mse's perplexity increase at block 128 and less than llama.cpp's Q4_0; an int8 output projection,
+# as an int4 one costs the most accuracy per byte.
+DEFAULT_METHOD = "auto"
 DEFAULT_LM_HEAD = "int8"
 LM_HEAD_PRECISIONS = ("int4", "int8", "bf16")
 LINEAR_QUANTS = LM_HEAD_PRECISIONS  # what a linear's manifest record may say
@@ -123,8 +124,11 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     weights dir, one tensor at a time. A GGUF's tensors are dequantized one by one (offload.gguf_source)
     and its config and tokenizer files are built from its metadata.
 
-    method: "absmax" | "mse" | "gptq" (see offload.methods); every method writes the same int4 layout.
-    calibration: a plain text file, required by gptq (its activations drive the error compensation).
+    method: "auto" (default: methods.default_method) | "absmax" | "mse" | "gptq" | "awq" | "awq+gptq" (see
+    offload.methods); every method writes the
+    same int4 layout (awq also rescales the norm weights before q/k/v and gate/up, stored unquantized).
+    calibration: a plain text file for the calibrated methods (gptq, awq, awq+gptq): their activations
+    drive the method; None takes the built-in text (offload/data/calibration.txt).
     lm_head: precision of the output projection: "int8" (default) or "bf16", kept resident on the
     device, or "int4", streamed through the cache like every other linear.
     Writes into a temporary sibling dir and renames it at the end, so an interrupted run never
@@ -140,11 +144,13 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     if type(block_size) is not int or block_size not in quant.BLOCK_SIZES:
         raise OffloadError(f"block size must be one of {', '.join(map(str, quant.BLOCK_SIZES))} (the sizes every "
                            f"kernel is compiled and tested for), got {block_size}")
-    options = _method_options(method, calibration, lm_head)
-    if gguf and method == "gptq":
-        raise OffloadError("method gptq reads an HF safetensors model dir, not a GGUF file: use mse or absmax")
+    if gguf and method in methods.CALIBRATED:
+        raise OffloadError(f"method {method} reads an HF safetensors model dir, not a GGUF file: use mse or absmax")
     source = GGUFSource(model_dir) if gguf else SourceModel(model_dir)
     config = source.config
+    if method == "auto":
+        method = methods.default_method(gguf, config.model_type)
+    options = _method_options(method, calibration, lm_head)
     skeleton = empty_model(config)
     linears = linear_modules(skeleton)
     head_module = skeleton.get_output_embeddings()
@@ -246,18 +252,18 @@ def _method_options(method, calibration, lm_head) -> dict:
     if lm_head not in LM_HEAD_PRECISIONS:
         raise OffloadError(f"unknown lm_head precision {lm_head!r} (choose from {', '.join(LM_HEAD_PRECISIONS)})")
     options = {"method": method, "lm_head": lm_head}
-    if method == "gptq":
-        if calibration is None:
-            raise OffloadError("method gptq needs a calibration text file (--calibration FILE)")
-        path = Path(calibration)
+    if method in methods.CALIBRATED:
+        path = Path(calibration) if calibration is not None else methods.CALIBRATION_TEXT
         if not path.is_file():
             raise OffloadError(f"calibration file {path} does not exist")
         text = path.read_text(encoding="utf-8", errors="replace")
-        options.update(calibration_text=text, calibration=path.name,
+        options.update(calibration_text=text, calibration=path.name if calibration is not None else "built-in",
                        calibration_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                       damp=methods.GPTQ_DAMP, seq_len=methods.GPTQ_SEQ_LEN)
+                       seq_len=methods.GPTQ_SEQ_LEN, scale_search="mse")
+        if method.endswith("gptq"):
+            options.update(damp=methods.GPTQ_DAMP, act_order=True, sequential=False)
     elif calibration is not None:
-        raise OffloadError(f"--calibration is used by method gptq only, not {method}")
+        raise OffloadError(f"--calibration is used by the methods {', '.join(methods.CALIBRATED)} only, not {method}")
     if method == "mse":
         options["grid"] = [min(methods.MSE_GRID), max(methods.MSE_GRID), len(methods.MSE_GRID)]
     return options
@@ -302,10 +308,13 @@ def _quantize_tensors(source, tmp, config, wanted, linear_keys, modules, block_s
 
     writer = _ShardWriter(tmp, shard_bytes)
     tensors, t0 = {}, time.time()
-    # GPTQ needs each layer's activations: its int4 linears are quantized after this loop, layer by layer.
+    # A calibrated method needs each layer's activations: its int4 linears (and, for awq, the norms that take
+    # its scales) are quantized after this loop, layer by layer.
     deferred = set()
-    if options["method"] == "gptq":
+    if options["method"] in methods.CALIBRATED:
         deferred = {k for k in linear_keys if not (k == options["head_key"] and options["lm_head"] != "int4")}
+    if options["method"].startswith("awq"):
+        deferred |= {k for k in wanted if k.endswith(tuple(f".{n}.weight" for n in methods.AWQ_NORMS))}
     jobs = [k for k in names if k in wanted] + tied
     for key in tqdm(jobs, desc="quantizing", unit="tensor", disable=not progress):
         src = source.tensor(key, embed_key)
@@ -329,14 +338,23 @@ def _quantize_tensors(source, tmp, config, wanted, linear_keys, modules, block_s
         tensors[key] = record
         del src
     if deferred:
-        results = methods.gptq_model(model_dir, options["calibration_text"], deferred, block_size=block_size,
-                                     device=device, seq_len=options["seq_len"], damp=options["damp"],
-                                     progress=progress)
-        for key, packed, scales in results:
+        results = methods.calibrated_model(model_dir, options["calibration_text"], deferred & set(linear_keys),
+                                           method=options["method"], block_size=block_size, device=device,
+                                           seq_len=options["seq_len"], damp=options.get("damp", methods.GPTQ_DAMP),
+                                           scale_search=options["scale_search"],
+                                           act_order=options.get("act_order", True),
+                                           sequential=options.get("sequential", False), progress=progress)
+        for key, value in results:
             stem = key.removesuffix(".weight")
-            tensors[key] = {"role": "linear", "shape": list(wanted[key]), "quant": "int4",
-                            "keys": [f"{stem}.qweight", f"{stem}.scales"]}
-            writer.add(tensors[key], {f"{stem}.qweight": packed, f"{stem}.scales": scales})
+            if isinstance(value, tuple):  # an int4 linear
+                tensors[key] = {"role": "linear", "shape": list(wanted[key]), "quant": "int4",
+                                "keys": [f"{stem}.qweight", f"{stem}.scales"]}
+                writer.add(tensors[key], {f"{stem}.qweight": value[0], f"{stem}.scales": value[1]})
+            else:  # a norm weight that took AWQ scales
+                dtype = stored_dtype(source.tensor(key).dtype)
+                tensors[key] = {"role": "norm", "shape": list(value.shape), "dtype": str(dtype).removeprefix("torch."),
+                                "keys": [key]}
+                writer.add(tensors[key], {key: value.cpu().to(dtype)})
     writer.flush()
     missing = sorted(set(wanted) - set(tensors))
     if missing:

@@ -9,10 +9,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tiny  # noqa: E402 - imports offload, so after TRITON_INTERPRET
-from offload import quant  # noqa: E402
+from offload import methods, quant  # noqa: E402
 from offload.weights import quantize_model  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def short_calibration():
+    """The calibrated methods read at most 4 calibration sequences in tests (the default reads up to 128): the
+    tests check that the engine computes what a weights dir holds, not how good the method's choice is
+    (benchmarks/eval_methods.py measures that)."""
+    old, methods.GPTQ_MAX_SEQUENCES = methods.GPTQ_MAX_SEQUENCES, 4
+    yield
+    methods.GPTQ_MAX_SEQUENCES = old
 
 
 def _files(root) -> dict:

@@ -152,13 +152,13 @@ def test_quantize_then_run_with_stats(models, tmp_path, capsys, keep_threads):
 
 def test_quantize_with_the_defaults_then_run_gives_the_tokens_of_the_stored_weights(models, tmp_path, capsys,
                                                                                      generate_calls, keep_threads):
-    # the defaults (mse, int8 output projection); the reference is the HF model holding the weights
+    # the defaults (awq+gptq, int8 output projection); the reference is the HF model holding the weights
     # dir's own tensors dequantized in float32, whatever the method chose
     llama, _ = models["llama"]
     assert quantize_main([str(llama), str(tmp_path / "w")]) == 0
     m = tiny.manifest(tmp_path / "w")
     assert m["block_size"] == quant.BLOCK_SIZE and m["tensors"]["lm_head.weight"]["quant"] == "int8"
-    assert m["method"] == "mse"
+    assert m["method"] == "awq+gptq"
     assert run_main([str(llama), str(tmp_path / "w"), "-p", "1.1+2.3=?", "--raw", "-n", "16", "--temp", "0",
                      "--dtype", "float32", "-t", "1"]) == 0
     (call,) = generate_calls
@@ -467,8 +467,8 @@ def test_demo_quantizes_again_when_cached_weights_are_outdated(tmp_path, monkeyp
     monkeypatch.setattr(demo, "quantize_model", lambda model_dir, weights_dir, **kw: calls.append(weights_dir))
     manifest = root / "weights" / weights.MANIFEST
     manifest.parent.mkdir()
-    current = {"format_version": weights.FORMAT_VERSION, "method": weights.DEFAULT_METHOD, "block_size": quant.BLOCK_SIZE,
-               "lm_head": weights.DEFAULT_LM_HEAD}
+    current = {"format_version": weights.FORMAT_VERSION, "method": "awq+gptq", "block_size": quant.BLOCK_SIZE,
+               "lm_head": weights.DEFAULT_LM_HEAD, "model_type": "llama"}  # what `auto` makes of the demo (a Llama)
     for text, quantized in [(json.dumps(current), False), (json.dumps({**current, "method": "absmax"}), True),
                             (json.dumps({k: v for k, v in current.items() if k != "lm_head"}), True),
                             ("{damaged", True)]:

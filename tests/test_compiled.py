@@ -7,6 +7,7 @@ import torch
 from transformers import StaticCache
 
 import offload
+from offload.kernels import cpu_native
 from offload.compiled import MIN_CACHE_LEN, cache_len
 from offload.errors import OffloadError
 from offload.weights import quantize_model
@@ -67,7 +68,8 @@ def test_decode_step_compiles_without_graph_breaks(models, llama_int8_head, kind
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
     ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
-    kernels = {"int8-head": ["aten._weight_int8pack_mm"], "triton": ["offload.int4_linear", "offload.int8_linear"]}
+    int8_kernel = "offload_native.int8_mm" if cpu_native.available() else "aten._weight_int8pack_mm"
+    kernels = {"int8-head": [int8_kernel], "triton": ["offload.int4_linear", "offload.int8_linear"]}
     if kind == "torch-kernel":
         assert int4_kernel == "aten._weight_int4pack_mm_for_cpu"
     for kernel in kernels.get(kind, [int4_kernel]):

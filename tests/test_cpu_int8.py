@@ -18,9 +18,9 @@ def test_blockwise_int8_matches_reference(block, n, k, m):
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
     ref = int8_linear_ref(x.float(), qweight, scales, k, bias.float())  # [M, N] fp32
-    prepared = {}
+    prepared = {"native": False}  # PyTorch's op: what runs where our native kernel does not (tests/test_cpu_native.py)
     got = int8_linear(x, qweight, scales, k, bias, prepared=prepared)
-    assert set(prepared) == {"blocks"} and got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert set(prepared) == {"native", "blocks"} and got.dtype == torch.bfloat16 and got.shape == (m, n)
     # each block's partial product is rounded to bf16 by the op: a few bf16 ulps of the largest output
     assert (got.float() - ref).abs().max() <= 2 ** -6 * ref.abs().max()
     again = int8_linear(x, qweight, scales, k, bias, prepared=prepared)  # the repack is made once and reused

@@ -133,6 +133,51 @@ def test_op_traces_under_compile():
     torch.testing.assert_close(compiled(x), torch.ops.offload_native.int4_mm(x, w, kernel_scales, k) * 2)
 
 
+INT8_SHAPES = [(33, 200, 128), (64, 576, 64), (17, 96, 32), (5, 40, 32), (9, 300, 32)]
+
+
+@needs_native
+@pytest.mark.parametrize("n,k,block", INT8_SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_kernel_matches_its_formula(n, k, block, threads):
+    gen = torch.Generator().manual_seed(n * 100 + k)
+    kp = quant.padded_k(k, block)
+    qweight = torch.randint(-127, 128, (n, kp), dtype=torch.int8, generator=gen)  # padded columns too: x's zeros cancel them
+    scales = (torch.randn(n, kp // block, generator=gen) * 0.01).to(torch.bfloat16)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (1, 3, 4, 5, 8):
+            x = torch.randn(m, k, generator=gen) * 3
+            x[0, : min(k, 40)] = 0
+            ref = quantized_x(x) @ quant.dequantize_int8(qweight, scales, k).double().T
+            y = cpu_native.native_int8_linear(x, qweight, scales, k)
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+            yb = cpu_native.native_int8_linear(x.bfloat16(), qweight, scales, k)
+            ref_b = quantized_x(x.bfloat16().float()) @ quant.dequantize_int8(qweight, scales, k).double().T
+            assert yb.dtype == torch.bfloat16
+            torch.testing.assert_close(yb.double(), ref_b, rtol=8e-3, atol=1e-5 * ref_b.abs().max().item())
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
+def test_int8_head_runs_natively_from_dispatch_and_traces(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    n, k = 300, 200
+    qweight, scales = quant.quantize_int8(torch.randn(n, k, generator=gen), 32)
+    x = torch.randn(1, 2, k, generator=gen).bfloat16()
+    calls = []
+    real = cpu_native.native_int8_linear
+    monkeypatch.setattr(cpu_native, "native_int8_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    y = dispatch.int8_linear(x, qweight, scales, k, prepared={})
+    assert calls == [(2, k)] and y.shape == (1, 2, n)
+    torch.testing.assert_close(y[0].double(), quantized_x(x[0].float()) @ quant.dequantize_int8(qweight, scales, k).double().T,
+                               rtol=8e-3, atol=1e-2)
+    torch.library.opcheck(torch.ops.offload_native.int8_mm.default, (x[0], qweight, scales, k))
+
+
 def test_bad_inputs_raise_one_line_errors():
     if not cpu_native.available():
         pytest.skip("the native cpu kernel does not run here")
@@ -142,6 +187,8 @@ def test_bad_inputs_raise_one_line_errors():
         cpu_native.native_int4_linear(torch.randn(1, 65), w)
     with pytest.raises(RuntimeError, match="in_features"):
         torch.ops.offload_native.int4_mm(torch.randn(1, 200), w.w, w.scales, 200)
+    with pytest.raises(RuntimeError, match="int8_mm: x has"):
+        torch.ops.offload_native.int8_mm(torch.randn(1, 65), torch.zeros(8, 64, dtype=torch.int8), scales[:, :2], 65)
     with pytest.raises(ValueError, match="block size 96"):
         cpu_native.repack(*quant.quantize(torch.randn(8, 96), block_size=96))
 

@@ -74,7 +74,7 @@ def test_lossless_weights_give_zero_difference(tmp_path):
             module.weight.data = int4_exact(module.weight.data)
     model.save_pretrained(tmp_path / "m")
     tiny.byte_tokenizer().save_pretrained(tmp_path / "m")
-    weights = quantize_model(tmp_path / "m", tmp_path / "w", progress=False, lm_head="int4")  # mse keeps absmax here
+    weights = quantize_model(tmp_path / "m", tmp_path / "w", progress=False, lm_head="int4", method="mse")  # keeps them
     r = evaluate(tmp_path / "m", weights, TEXT, max_tokens=MAX_TOKENS, stride=STRIDE, device="cpu", dtype=torch.float32,
                  progress=False)
     assert r["ppl"] == pytest.approx(r["reference_ppl"], rel=1e-5)

@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 import torch
 
@@ -62,54 +64,131 @@ def test_mse_never_reconstructs_a_block_worse_than_absmax():
     assert torch.equal(quant.dequantize(packed, scales, zero.shape), zero)
 
 
-def test_gptq_lowers_output_error_on_the_calibration_activations():
+@pytest.mark.parametrize("block", quant.BLOCK_SIZES)
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_lowers_output_error_on_the_calibration_activations(block, act_order):
     torch.manual_seed(2)
     w = torch.randn(64, 256) * 0.1
     x = correlated_inputs(1024, 256, 3)
     x[:, 5] = 0.0  # a dead input: its Hessian row is zero, GPTQ must still work
+    x[:, 200:] *= 4.0  # the most active inputs last: act-order takes them first
     h = hessian(x)
     assert torch.allclose(h, x.T @ x / len(x), rtol=1e-4, atol=1e-4)
 
     def output_error(packed, scales):
         return (x @ quant.dequantize(packed, scales, w.shape).T - x @ w.T).square().mean().item()
 
-    absmax = output_error(*methods.quantize_weight(w, "absmax"))
-    gptq = output_error(*methods.gptq(w, h))
-    assert gptq < 0.8 * absmax
+    mse = output_error(*methods.quantize_weight(w, "mse", block))
+    packed, scales = methods.gptq(w, h, block, act_order=act_order)
+    assert output_error(packed, scales) < 0.9 * mse
+    if act_order:  # static groups: every scale chosen from the weight before any update (a dead input's weights: 0)
+        assert torch.equal(scales, methods.mse_scales(torch.where(x.abs().sum(0) > 0, w, 0.0), block))
     with pytest.raises(OffloadError, match="does not match"):
         methods.gptq(w, h[:10, :10])
 
 
-def test_quantize_model_records_the_method_and_gptq_runs_layer_by_layer(llama, tmp_path):
+def test_act_order_gains_over_column_order_where_inputs_differ_in_scale():
+    torch.manual_seed(4)
+    w = torch.randn(64, 256) * 0.1
+    x = correlated_inputs(2048, 256, 5) * torch.linspace(0.2, 5.0, 256)  # input scales vary 25x
+    h = hessian(x)
+
+    def output_error(act_order):
+        wq = quant.dequantize(*methods.gptq(w, h, 32, act_order=act_order), w.shape)
+        return (x @ wq.T - x @ w.T).square().mean().item()
+
+    assert output_error(True) < output_error(False)
+
+
+def test_gptq_quantizes_a_layers_linears_in_the_order_its_forward_calls_them(llama):
+    from offload.layerwise import LayerwiseModel
+    from offload.source import SourceModel
+    runner = LayerwiseModel(SourceModel(llama[0]))
+    h = runner.embed(torch.arange(20)[None])
+    walk = runner.layers()  # held: the layer goes back to meta when the walk is dropped
+    i, layer = next(walk)
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    stages = methods._stages(layer, dict(reversed(linears.items())), lambda: runner.run_layer(i, layer, h))
+    assert stages == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_awq_search_gives_the_inputs_that_matter_finer_steps():
+    torch.manual_seed(3)
+    w = torch.randn(64, 256) * 0.05
+    x = torch.randn(2048, 256)
+    x[:, :8] *= 30.0  # a few salient input channels
+
+    def output_error(wq):
+        return (x @ wq.T - x @ w.T).square().mean().item()
+
+    s = methods._awq_search(w, hessian(x), x.abs().mean(0), 32)
+    assert s[:8].min() > s[8:].max()
+    plain = quant.dequantize(*quant.quantize(w, 32), w.shape)
+    scaled = quant.dequantize(*quant.quantize(w * s, 32), w.shape) / s
+    assert output_error(scaled) < 0.7 * output_error(plain)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6])  # 6: no grouped-query attention, so o_proj's scales go into v_proj
+def test_awq_scales_fold_into_the_model_without_changing_its_function(tmp_path, kv_heads):
+    import tiny
+    from transformers import AutoModelForCausalLM
+    from offload.layerwise import LayerwiseModel
+    from offload.source import SourceModel
+    cfg = tiny.config("llama")
+    cfg.num_key_value_heads = kv_heads
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    runner = LayerwiseModel(SourceModel(tmp_path))
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
+    hidden = [runner.embed(row[None]) for row in ids]
+    scaled = set()
+    for i, layer in runner.layers():
+        before = [runner.run_layer(i, layer, h) for h in hidden]
+        weights = {n: p.clone() for n, p in layer.named_parameters()}
+        changed = methods._awq_layer(runner, i, layer, hidden, 32)
+        assert set(changed) == {f"model.layers.{i}.{n}.weight" for n in methods.AWQ_NORMS}
+        hidden = [runner.run_layer(i, layer, h) for h in hidden]
+        for got, want in zip(hidden, before):  # equal up to float32 rounding (a missed fold is off by ~s)
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+        scaled |= {n for n, p in layer.named_parameters() if not torch.equal(p, weights[n])}
+    assert ("self_attn.o_proj.weight" in scaled) == (kv_heads == cfg.num_attention_heads)
+
+
+@pytest.mark.parametrize("method", methods.CALIBRATED)
+def test_quantize_model_records_the_method_and_calibrated_methods_run_layer_by_layer(llama, tmp_path, method):
     model_dir, _ = llama
     calibration = tmp_path / "calibration.txt"
     calibration.write_text(CALIBRATION)
-    # lm_head int4: the output projection goes through GPTQ too (inputs taken after the final norm)
-    out = quantize_model(model_dir, tmp_path / "gptq", method="gptq", calibration=calibration, lm_head="int4",
-                         progress=False)
+    # awq reads the built-in text, the others the user's (shorter, so faster). lm_head int4: the output
+    # projection is quantized by the method too (GPTQ: inputs taken after the final norm)
+    given = None if method == "awq" else calibration
+    out = quantize_model(model_dir, tmp_path / "w", method=method, calibration=given, lm_head="int4",
+                         block_size=32, progress=False)
     w = WeightsDir(out)
     m = w.manifest
-    assert m["method"] == "gptq" and m["lm_head"] == "int4"
-    assert m["method_options"]["calibration"] == "calibration.txt" and m["method_options"]["damp"] == methods.GPTQ_DAMP
+    assert m["method"] == method and m["lm_head"] == "int4" and m["block_size"] == 32
+    text = (calibration if given else methods.CALIBRATION_TEXT).read_text()
+    assert m["method_options"]["calibration"] == ("calibration.txt" if given else "built-in")
+    assert m["method_options"]["calibration_sha256"] == hashlib.sha256(text.encode()).hexdigest()
     absmax = WeightsDir(llama[1])
     assert set(w.linears) == set(absmax.linears)
+    awq_norms = {name for name in absmax.tensors if name.endswith(tuple(f".{n}.weight" for n in methods.AWQ_NORMS))}
+    assert len(awq_norms) == 2 * 3
     for name, info in absmax.tensors.items():
         got, ref = w.read(name), absmax.read(name)
-        assert [t.shape for t in got] == [t.shape for t in ref] and [t.dtype for t in got] == [t.dtype for t in ref]
-        if info.role != "linear":
+        assert [t.dtype for t in got] == [t.dtype for t in ref]
+        if info.role != "linear" and not (method.startswith("awq") and name in awq_norms):
             assert all(torch.equal(a, b) for a, b in zip(got, ref))
-    # the engine computes exactly what the GPTQ weights dir holds: the HF model with those weights dequantized
+    # the engine computes exactly what the weights dir holds: the HF model with those weights dequantized,
+    # embeddings and norms as stored
     from transformers import AutoModelForCausalLM
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())  # untied: lm_head is its own int4
-    linear_weights = set()
-    for name, info in w.linears.items():
-        linear = ref.get_submodule(name.removesuffix(".weight"))
-        linear.weight.data = quant.dequantize(*w.read(name), info.shape)
-        linear_weights.add(id(linear.weight))
-    for p in ref.parameters():  # embeddings and norms as the weights dir stores them
-        if id(p) not in linear_weights:
-            p.data = p.data.to(torch.bfloat16).float()
+    for name, info in w.tensors.items():
+        param = ref.get_parameter(name)
+        param.data = (quant.dequantize(*w.read(name), info.shape) if info.role == "linear"
+                      else w.read(name)[0].float())
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with offload.load(model_dir, out, cache="full", device="cpu", dtype=torch.float32,
                       progress=False) as engine:
@@ -120,18 +199,18 @@ def test_quantize_model_records_the_method_and_gptq_runs_layer_by_layer(llama, t
 
 def test_bad_method_options_are_one_line_errors(llama, tmp_path, capsys):
     model_dir, _ = llama
-    cases = [(dict(method="gptq"), "needs a calibration"), (dict(method="awq"), "unknown quantization method"),
-             (dict(calibration=tmp_path / "c.txt"), "gptq only"), (dict(lm_head="fp8"), "unknown lm_head"),
+    cases = [(dict(method="awq4"), "unknown quantization method"),
+             (dict(calibration=tmp_path / "c.txt"), "only, not absmax"), (dict(lm_head="fp8"), "unknown lm_head"),
              (dict(method="gptq", calibration=tmp_path / "missing.txt"), "does not exist")]
     for kwargs, message in cases:
         kwargs.setdefault("method", "absmax")
         with pytest.raises(OffloadError, match=message):
             quantize_model(model_dir, tmp_path / "w", progress=False, **kwargs)
-    rc = quantize_main([str(model_dir), str(tmp_path / "w"), "--method", "gptq"])
+    rc = quantize_main([str(model_dir), str(tmp_path / "w"), "--method", "awq", "--calibration", str(tmp_path / "no")])
     err = capsys.readouterr().err
     assert rc != 0 and "Traceback" not in err
     assert [line for line in err.splitlines() if "error:" in line] == [
-        "offload-quantize: error: method gptq needs a calibration text file (--calibration FILE)"]
+        f"offload-quantize: error: calibration file {tmp_path / 'no'} does not exist"]
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
@@ -164,10 +243,13 @@ def test_lm_head_int8_and_bf16_stay_resident_and_match_their_reference(llama, tm
 
 
 def test_defaults_are_the_measured_choice(llama, tmp_path):
-    # benchmarks/README.md: mse decoder linears + an int8 output projection
+    # benchmarks/README.md: awq+gptq decoder linears (from an HF dir) + an int8 output projection, block 128
     m = WeightsDir(quantize_model(llama[0], tmp_path / "w", progress=False)).manifest
-    assert (m["method"], m["lm_head"]) == ("mse", "int8")
+    assert (m["method"], m["lm_head"], m["block_size"]) == ("awq+gptq", "int8", 128)
     assert m["tensors"]["lm_head.weight"]["quant"] == "int8"
+    assert m["method_options"]["calibration"] == "built-in" and m["method_options"]["act_order"]
+    assert [methods.default_method(gguf, kind) for gguf, kind in [(False, "qwen2"), (False, "gpt_neox"), (True, "llama")]] \
+        == ["awq+gptq", "gptq", "mse"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

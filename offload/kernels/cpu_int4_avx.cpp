@@ -1,4 +1,5 @@
 // offload_native::int4_mm: y[M, N] = x[M, K] @ W.T on cpu for small M (decode), W symmetric int4.
+// offload_native::int8_mm: the same for the int8 format (the output projection), see the end of the file.
 //
 // Layout (offload/kernels/cpu_native.py `repack`): w uint8 [N, Kq/2], Kq = K padded to the block and to 64.
 // Each 64-column chunk of a row is 32 bytes; byte j holds column j (low nibble) and column j + 32 (high
@@ -105,9 +106,13 @@ inline __m256i dot32(__m256i u, __m256i xq) {
 #endif
 }
 
+// 32 products w * xq of two signed int8 vectors: |xq| is unsigned and w takes xq's sign (xq is never -128, so
+// |xq| <= 127 and each pair sum of maddubs is at most 2 * 127 * 127 < 32767)
+inline __m256i dot32_s8(__m256i w, __m256i xq) { return dot32(_mm256_sign_epi8(xq, xq), _mm256_sign_epi8(w, xq)); }
+
 struct Args {
   const QuantX* qx;
-  const uint8_t* w;
+  const uint8_t* w;  // int4: packed nibbles; int8: the int8 values
   const uint16_t* s;
   int64_t kq, block, n;
   void* y;  // [M, N], bf16 or fp32
@@ -177,30 +182,100 @@ void tile(const Args& a, int64_t m0, int64_t n0) {
   }
 }
 
-// Tiles of R rows, the last one cropped to N row by row
-template <int MG, int R, bool SPLIT>
-void rows(const Args& a, int64_t m0, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    if ((t + 1) * R <= a.n) {
-      tile<MG, R, SPLIT>(a, m0, t * R);
-    } else {
-      for (int64_t n = t * R; n < a.n; ++n) tile<MG, 1, SPLIT>(a, m0, n);
+// The int8 format: w int8 [N, Kq] (Kq = K padded to the block, a multiple of 32), scales bf16 [N, Kq/block].
+//   y[m, n] = sum_b s[n, b] * sum_{c in b} d[m, c] * sum_{j in c} w[n, j] * xq[m, j]   (no offset: no correction)
+template <int MG, int R>
+void tile8(const Args& a, int64_t m0, int64_t n0) {
+  const int64_t nc = a.kq / QK, nb = a.kq / a.block;
+  const int8_t* xq = a.qx->q.data() + m0 * a.kq;
+  const float* d = a.qx->d.data() + m0 * nc;
+  const int8_t* w = reinterpret_cast<const int8_t*>(a.w);
+  __m256 acc[MG][R];
+  for (int m = 0; m < MG; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < a.kq; g0 += a.block) {
+    __m256 part[MG][R];  // chunk sums times d over one block
+    for (int m = 0; m < MG; ++m)
+      for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
+    for (int64_t k0 = g0; k0 < g0 + a.block; k0 += QK) {
+      __m256i xv[MG];
+      __m256 dm[MG];
+      for (int m = 0; m < MG; ++m) {
+        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * a.kq + k0));
+        dm[m] = _mm256_set1_ps(d[m * nc + k0 / QK]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int8_t* wp = w + (n0 + r) * a.kq + k0;
+        _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH), _MM_HINT_T0);
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+        for (int m = 0; m < MG; ++m)
+          part[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_s8(wv, xv[m])), dm[m], part[m][r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 sv = _mm256_set1_ps(bf16_to_float(a.s[(n0 + r) * nb + g0 / a.block]));
+      for (int m = 0; m < MG; ++m) acc[m][r] = _mm256_fmadd_ps(part[m][r], sv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MG; ++m) {
+    for (int r = 0; r < R; ++r) {
+      const float v = hsum(acc[m][r]);
+      const int64_t i = (m0 + m) * a.n + n0 + r;
+      if (a.bf16) {
+        static_cast<c10::BFloat16*>(a.y)[i] = c10::BFloat16(v);
+      } else {
+        static_cast<float*>(a.y)[i] = v;
+      }
     }
   }
 }
 
-template <int MG, int R>
+template <int MG, int R, bool SPLIT, bool INT8>
+void tile_of(const Args& a, int64_t m0, int64_t n0) {
+  if constexpr (INT8) {
+    tile8<MG, R>(a, m0, n0);
+  } else {
+    tile<MG, R, SPLIT>(a, m0, n0);
+  }
+}
+
+// Tiles of R rows, the last one cropped to N row by row
+template <int MG, int R, bool SPLIT, bool INT8>
+void rows(const Args& a, int64_t m0, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    if ((t + 1) * R <= a.n) {
+      tile_of<MG, R, SPLIT, INT8>(a, m0, t * R);
+    } else {
+      for (int64_t n = t * R; n < a.n; ++n) tile_of<MG, 1, SPLIT, INT8>(a, m0, n);
+    }
+  }
+}
+
+template <int MG, int R, bool INT8>
 void run(const Args& a, int64_t m0) {
   const int64_t tiles = (a.n + R - 1) / R;
   // at least ~32 KiB of weights per task: smaller tasks cost more in scheduling than they save
-  const int64_t grain = std::max<int64_t>(1, (32 << 10) / (R * a.kq / 2));
+  const int64_t row_bytes = INT8 ? a.kq : a.kq / 2;
+  const int64_t grain = std::max<int64_t>(1, (32 << 10) / (R * row_bytes));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    if (a.block == QK) {
-      rows<MG, R, true>(a, m0, t0, t1);
+    if (INT8 || a.block != QK) {
+      rows<MG, R, false, INT8>(a, m0, t0, t1);
     } else {
-      rows<MG, R, false>(a, m0, t0, t1);
+      rows<MG, R, true, INT8>(a, m0, t0, t1);
     }
   });
+}
+
+template <bool INT8>
+void run_all(const Args& a, int64_t m_rows) {
+  for (int64_t m0 = 0; m0 < m_rows; m0 += MAX_MG) {
+    switch (std::min<int64_t>(MAX_MG, m_rows - m0)) {
+      case 1: run<1, 4, INT8>(a, m0); break;
+      case 2: run<2, 2, INT8>(a, m0); break;
+      case 3: run<3, 1, INT8>(a, m0); break;
+      default: run<4, 1, INT8>(a, m0); break;
+    }
+  }
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t in_features) {
@@ -220,14 +295,28 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   const Args a{&qx, w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()), kq, kq / nb, n,
                y.data_ptr(), x.scalar_type() == at::kBFloat16};
-  for (int64_t m0 = 0; m0 < x.size(0); m0 += MAX_MG) {
-    switch (std::min<int64_t>(MAX_MG, x.size(0) - m0)) {
-      case 1: run<1, 4>(a, m0); break;
-      case 2: run<2, 2>(a, m0); break;
-      case 3: run<3, 1>(a, m0); break;
-      default: run<4, 1>(a, m0); break;
-    }
-  }
+  run_all<false>(a, x.size(0));
+  return y;
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t in_features) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "int8_mm: x must be a contiguous 2-D bf16 or fp32 tensor");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar && w.size(1) % QK == 0,
+              "int8_mm: w must be contiguous int8 [N, Kp] with Kp a multiple of 32");
+  TORCH_CHECK(scales.dim() == 2 && scales.is_contiguous() && scales.scalar_type() == at::kBFloat16 &&
+                  scales.size(0) == w.size(0),
+              "int8_mm: scales must be contiguous bf16 [N, Kp/block]");
+  const int64_t n = w.size(0), kq = w.size(1), nb = scales.size(1);
+  TORCH_CHECK(nb > 0 && kq % nb == 0 && (kq / nb) % QK == 0, "int8_mm: block size must be a multiple of 32");
+  TORCH_CHECK(x.size(1) == in_features && in_features <= kq, "int8_mm: x has ", x.size(1), " features, in_features ",
+              in_features, ", stored K ", kq);
+  const QuantX qx = quantize_x(x, kq, kq / nb);
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  const Args a{&qx, reinterpret_cast<const uint8_t*>(w.data_ptr<int8_t>()),
+               reinterpret_cast<const uint16_t*>(scales.data_ptr()), kq, kq / nb, n, y.data_ptr(),
+               x.scalar_type() == at::kBFloat16};
+  run_all<true>(a, x.size(0));
   return y;
 }
 
@@ -235,6 +324,10 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 
 TORCH_LIBRARY(offload_native, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor scales, int in_features) -> Tensor");
+  m.def("int8_mm(Tensor x, Tensor w, Tensor scales, int in_features) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(offload_native, CPU, m) { m.impl("int4_mm", &int4_mm); }
+TORCH_LIBRARY_IMPL(offload_native, CPU, m) {
+  m.impl("int4_mm", &int4_mm);
+  m.impl("int8_mm", &int8_mm);
+}

@@ -4,6 +4,8 @@ The kernel quantizes each activation row to int8 per 32 columns and takes intege
 int4 weights (llama.cpp's Q4_0 x Q8_0 arithmetic; the C++ file documents the layout and the formula). It is
 registered as the torch op `offload_native::int4_mm`, with a fake implementation, so torch.compile traces it
 as one node. It serves M <= MAX_M rows of x; more rows (prefill) dequantize into fp32 and use BLAS.
+`offload_native::int8_mm` does the same for the int8 format (the output projection with `--lm-head int8`),
+straight from the stored layout: one pass over its bytes instead of one PyTorch int8 call per column block.
 
 Built with torch.utils.cpp_extension (-O3 -march=native) into <offload cache>/ext/<key>, key = hash of the
 source, torch version and cpu flags. Without a compiler or on a cpu without AVX2/FMA (one warning line), or
@@ -88,9 +90,11 @@ def _loaded() -> bool:
 @functools.lru_cache(maxsize=None)
 def _register_fake() -> None:
     """Shapes for torch.compile's tracing (once per process: a second registration is an error)."""
-    @torch.library.register_fake(f"{NAME}::int4_mm")
-    def _(x, w, scales, in_features):
+    def shape(x, w, scales, in_features):
         return x.new_empty(x.shape[0], w.shape[0])  # [M, N] in x.dtype
+
+    torch.library.register_fake(f"{NAME}::int4_mm")(shape)
+    torch.library.register_fake(f"{NAME}::int8_mm")(shape)
 
 
 def available() -> bool:
@@ -101,10 +105,21 @@ def available() -> bool:
     return choice == "native" and _loaded()
 
 
-@functools.lru_cache(maxsize=None)
+_OVERLOAD = []  # the op's overload once resolved (a plain global: torch.compile traces it, not an lru_cache)
+
+
 def _op():
     """The op's overload, resolved once: calling it skips the packet's overload lookup (~2 us per call)."""
-    return torch.ops.offload_native.int4_mm.default
+    if not _OVERLOAD:
+        _OVERLOAD.append(torch.ops.offload_native.int4_mm.default)
+    return _OVERLOAD[0]
+
+
+def native_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [M, K] (bf16 or fp32, M <= MAX_M) @ (qweight int8 [N, Kp] * scales bf16 [N, Kp / block])[:, :K].T
+    -> [M, N] in x.dtype, x quantized to int8 per 32 columns as for int4_mm."""
+    return torch.ops.offload_native.int8_mm.default(x if x.is_contiguous() else x.contiguous(), qweight, scales,
+                                                     in_features)
 
 
 @dataclass(frozen=True)

@@ -118,8 +118,10 @@ def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24,
     On the Triton path, M <= 16 (decode; the output projection of a prefill too, since generate keeps
     only the last position's logits) reads the int8 bytes once in the fused kernel; larger M dequantizes
     `chunk_elems` weights at a time into x.dtype for F.linear, so the transient stays small.
-    On cpu, `prepared` (a dict the caller owns) keeps what is made once from the weight: with bf16
-    activations the weight repacked for PyTorch's int8 kernel (kernels.cpu_int8), else a copy dequantized
+    On cpu with bf16 activations and `prepared` given, M <= cpu_native.MAX_M rows go through our native
+    int8 kernel (kernels.cpu_native) on the stored layout. Otherwise `prepared` (a dict the caller owns) keeps
+    what is made once from the weight: with bf16 activations the weight repacked for PyTorch's int8 kernel
+    (kernels.cpu_int8), else a copy dequantized
     into x.dtype (host RAM is not the scarce memory there; a dequantize per token made decode ~3x slower).
     Without `prepared`, the fp32 reference.
     """
@@ -129,6 +131,10 @@ def int8_linear(x, qweight, scales, in_features, bias=None, chunk_elems=1 << 24,
         return x.new_empty(*lead, n)
     group = qweight.shape[1] // scales.shape[1]
     bf16_cpu = prepared is not None and x.dtype == torch.bfloat16 and not use_triton(x)
+    if bf16_cpu and "native" not in prepared and not torch.compiler.is_compiling():  # decided by the first eager call
+        prepared["native"] = group % cpu_native.QK == 0 and cpu_native.available()
+    if bf16_cpu and m <= cpu_native.MAX_M and prepared.get("native"):
+        return _traced(cpu_native.native_int8_linear(x2, qweight, scales, in_features), bias).view(*lead, n)
     if bf16_cpu and "blocks" not in prepared and not torch.compiler.is_compiling() and cpu_int8.cpu_int8_available():
         prepared["blocks"] = cpu_int8.repack(qweight, scales)  # ([nb, N, block], [nb, N]); by the first eager call
     fast_cpu = bf16_cpu and "blocks" in prepared
