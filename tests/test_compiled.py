@@ -8,6 +8,7 @@ from transformers import StaticCache
 
 import offload
 from offload.kernels import cpu_native
+from offload.modules import kv_cache_kwarg
 from offload.compiled import MIN_CACHE_LEN, cache_len
 from offload.errors import OffloadError
 from offload.weights import quantize_model
@@ -57,11 +58,12 @@ def test_decode_step_compiles_without_graph_breaks(models, llama_int8_head, kind
                       compile=False) as engine, torch.inference_mode():
         model, ids = engine.model, prompt_ids("cpu")
         cache = StaticCache(config=model.config, max_cache_len=64)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # eager prefill
+        kv = {kv_cache_kwarg(model): cache}  # `cache` from transformers 5.25, `past_key_values` before
+        logits = model(input_ids=ids, **kv, use_cache=True).logits  # eager prefill
         pos = torch.tensor([ids.shape[1]])
         embeds = model.get_input_embeddings()(logits[:, -1:].argmax(-1))  # [1, 1, D]
         torch._dynamo.reset()
-        explained = torch._dynamo.explain(model.forward)(inputs_embeds=embeds, past_key_values=cache,
+        explained = torch._dynamo.explain(model.forward)(inputs_embeds=embeds, **kv,
                                                          position_ids=pos[None], cache_position=pos, use_cache=True)
         int4_kernel = {"NativeInt4Format": "offload_native.int4_mm",
                        "CpuInt4Format": "aten._weight_int4pack_mm_for_cpu"}.get(type(engine.fmt).__name__)
