@@ -315,6 +315,7 @@ def _quantize_tensors(source, tmp, config, wanted, linear_keys, modules, block_s
         deferred = {k for k in linear_keys if not (k == options["head_key"] and options["lm_head"] != "int4")}
     if options["method"].startswith("awq"):
         deferred |= {k for k in wanted if k.endswith(tuple(f".{n}.weight" for n in methods.AWQ_NORMS))}
+    deferred_dtypes = {}  # key -> stored dtype of a deferred tensor, taken from the loop's read (no second read)
     jobs = [k for k in names if k in wanted] + tied
     for key in tqdm(jobs, desc="quantizing", unit="tensor", disable=not progress):
         src = source.tensor(key, embed_key)
@@ -324,6 +325,7 @@ def _quantize_tensors(source, tmp, config, wanted, linear_keys, modules, block_s
         if src.dtype not in FLOAT_DTYPES:
             raise OffloadError(f"{key}: unsupported dtype {src.dtype} (bf16, fp16 or fp32 expected)")
         if key in deferred:
+            deferred_dtypes[key] = stored_dtype(src.dtype)  # a norm that takes AWQ scales is stored as it would be
             del src
             continue
         if key in linear_keys:
@@ -351,7 +353,7 @@ def _quantize_tensors(source, tmp, config, wanted, linear_keys, modules, block_s
                                 "keys": [f"{stem}.qweight", f"{stem}.scales"]}
                 writer.add(tensors[key], {f"{stem}.qweight": value[0], f"{stem}.scales": value[1]})
             else:  # a norm weight that took AWQ scales
-                dtype = stored_dtype(source.tensor(key).dtype)
+                dtype = deferred_dtypes[key]
                 tensors[key] = {"role": "norm", "shape": list(value.shape), "dtype": str(dtype).removeprefix("torch."),
                                 "keys": [key]}
                 writer.add(tensors[key], {key: value.cpu().to(dtype)})
