@@ -11,7 +11,7 @@ is given; every configuration is loaded once and measured in interleaved rounds 
 llama-cpp-python is optional (it compiles llama.cpp from source: build it once, outside the repository);
 without it the llama.cpp row is skipped with a notice. Prints a table per thread count (decode tokens/s,
 the ratio to plain float32 and to llama.cpp) and writes benchmarks/results/cpu-<model>-decode.csv.
-`--profile` adds the split of one decode step of the default engine (torch profiler).
+`--profile` adds the split of one decode step, eager and compiled (torch profiler).
 """
 import argparse
 import csv
@@ -26,6 +26,8 @@ from transformers import AutoModelForCausalLM
 
 import offload
 from offload import demo, quant
+from offload.modules import kv_cache_kwarg
+from offload.timing import WARMUP_STEPS
 from offload.weights import quantize_model
 
 PROMPT = "What is the capital of France?"
@@ -90,23 +92,37 @@ def llama_cpp_speed(gguf: Path, ids: list[int], new_tokens: int, threads: int):
     return run
 
 
-def profile_step(model, ids, steps: int = 16) -> dict:
-    """Milliseconds per eager decode step by kind of work (torch profiler, self CPU time of the ops); the rest
-    of the step's wall time is Python, hooks and dispatch."""
+def profile_step(engine, ids, compiled: bool, steps: int = 16) -> dict:
+    """Milliseconds per decode step by kind of work (torch profiler, self CPU time of the ops), eager or the
+    compiled step; the rest of the step's wall time is Python, hooks and dispatch."""
     from torch.profiler import ProfilerActivity, profile
-    kinds = {"int4 matmul": ("int4pack_mm", "int4_mm", "offload_native"), "output projection (int8)": ("int8pack_mm",),
-             "attention": ("scaled_dot_product", "flash_attention")}
+    kinds = {"int4 matmul": ("int4pack_mm", "int4_mm"), "output projection (int8)": ("int8pack_mm", "int8_mm"),
+             "attention": ("scaled_dot_product", "flash_attention"),
+             "compiled graph's fused kernels": ("CompiledFxGraph",), "guard checks": ("TorchDynamo Cache Lookup",)}
+    model, name = engine.model, kv_cache_kwarg(engine.model)
     with torch.inference_mode():
-        out = model(ids, use_cache=True)  # prefill, not profiled
-        past, token, wall = out.past_key_values, out.logits[:, -1:].argmax(-1), 0.0
+        extra = {name: engine.compiled.static_cache(1, ids.shape[1] + steps + WARMUP_STEPS)} if compiled else {}
+        out = model(ids, use_cache=True, **extra)  # prefill, not profiled
+        past, token, pos = (extra[name] if compiled else getattr(out, name)), out.logits[:, -1:].argmax(-1), ids.shape[1]
+        step = engine.compiled if compiled else model
+
+        def decode(token, pos):
+            position = torch.tensor([pos])  # [1]
+            out = step(input_ids=token, position_ids=position[None], cache_position=position, use_cache=True,
+                       **{name: past})
+            return out.logits[:, -1:].argmax(-1)  # [1, 1]
+        for i in range(WARMUP_STEPS):  # not profiled: the compile (and dynamo's recompile for dynamic shapes)
+            token = decode(token, pos + i)
+        wall, pos = 0.0, pos + WARMUP_STEPS
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
+            for i in range(steps):
                 start = time.perf_counter()
-                out = model(token, past_key_values=past, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
+                token = decode(token, pos + i)
                 wall += time.perf_counter() - start
     totals = dict.fromkeys([*kinds, "other ops"], 0.0)
     for event in prof.key_averages():
+        if event.key.startswith("Torch-Compiled Region") or event.key.startswith("CompiledFunction"):
+            continue  # a wrapper of the ops below it, not work of its own
         kind = next((k for k, names in kinds.items() if any(n in event.key for n in names)), "other ops")
         totals[kind] += event.self_cpu_time_total / 1e3
     per_step = {k: v / steps for k, v in totals.items()}
@@ -122,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
-    p.add_argument("--profile", action="store_true", help="also print the per-step split of the default engine")
+    p.add_argument("--profile", action="store_true", help="also print the per-step split of a decode step, eager and compiled")
     p.add_argument("--block-size", type=int, default=None, choices=quant.BLOCK_SIZES,
                    help="the demo model quantized at this block size (default method and lm_head), into its cache "
                         "dir once; default: the demo's weights")
@@ -158,18 +174,21 @@ def main(argv=None) -> int:
                   "it builds llama.cpp from source)" if gguf else "llama.cpp row skipped: no --gguf", flush=True)
         else:
             runs[f"llama.cpp ({gguf.name})"] = llama
-        configs = [  # (label, load options): one change at a time against the default
-            ("offload default (eager, zero-copy, fused)", dict(compile=False)),
-            ("offload compiled decode step (compile=True)", dict(compile=True)),
-            ("offload --cache 25% (zero-copy: reads in place)", dict(cache="25%", compile=False)),
-            ("offload unfused q/k/v, gate/up", dict(fuse=False, compile=False)),
-            ("offload cache full, emulated copies", dict(cache="full", emulate_copies=True, compile=False)),
-            ("offload cache 25%, emulated copies", dict(cache="25%", emulate_copies=True, compile=False)),
-            ("offload float32 (exact reference)", dict(dtype=torch.float32, compile=False)),
+        configs = [  # (label, load options): one change at a time against eager
+            ("offload default (compile auto)", dict()),
+            ("offload eager (compile off)", dict(compile=False)),
+            ("offload compiled decode step (compile on)", dict(compile=True)),
+            ("offload --cache 25% (compile auto; zero-copy: reads in place)", dict(cache="25%")),
+            ("offload unfused q/k/v, gate/up (eager)", dict(fuse=False, compile=False)),
+            ("offload cache full, emulated copies (eager)", dict(cache="full", emulate_copies=True, compile=False)),
+            ("offload cache 25%, emulated copies (eager)", dict(cache="25%", emulate_copies=True, compile=False)),
+            ("offload float32 (exact reference, eager)", dict(dtype=torch.float32, compile=False)),
         ]
         for label, options in configs:
             e = offload.load(model_dir, weights_dir, device="cpu", progress=False, threads=threads,
                              **{"dtype": torch.bfloat16, **options})
+            if "compile" not in options:  # what auto chose on this machine (measured once, offload/compiled.py)
+                label = label.replace("compile auto", f"compile auto: {'on' if e.compiled else 'off'} here")
             engines.append(e)
             runs[label] = lambda n, e=e: engine_tokens_per_s(e, ids, n)
             notes[label] = e
@@ -194,11 +213,13 @@ def main(argv=None) -> int:
             print(f"{label:<52} {tok_s:7.2f} tok/s ({min(values):.1f}-{max(values):.1f})  {tok_s / base:5.2f}x plain "
                   f"fp32  {ratio}  {extra}", flush=True)
         if args.profile:
-            split = profile_step(engines[0].model, ids)
-            total = sum(split.values())
-            print(f"one decode step of the default engine, {threads} thread(s): {total:.1f} ms", flush=True)
-            for kind, ms in split.items():
-                print(f"  {kind:<28} {ms:6.2f} ms  {ms / total:5.1%}", flush=True)
+            for engine, compiled in ((engines[1], False), (engines[2], True)):
+                split = profile_step(engine, ids, compiled)
+                total = sum(split.values())
+                print(f"one decode step, {'compiled' if compiled else 'eager'}, {threads} thread(s): {total:.1f} ms",
+                      flush=True)
+                for kind, ms in split.items():
+                    print(f"  {kind:<28} {ms:6.2f} ms  {ms / total:5.1%}", flush=True)
         for e in engines:
             e.close()
 

@@ -67,14 +67,15 @@ def quantize_timed(model_dir, weights: Path, method: str, lm_head: str, block_si
     return {"quantize_seconds": time.perf_counter() - t0, "quantize_cpu_seconds": cpu_seconds() - cpu0}
 
 
-def run_variant(model_dir, out: Path, variant: str, max_tokens: int, stride: int, requantize: bool) -> dict:
+def run_variant(model_dir, out: Path, variant: str, max_tokens: int, stride: int, requantize: bool,
+                text: Path = DATA / "eval.txt") -> dict:
     method, lm_head, block = parse_variant(variant)
     weights = out / f"{method}-{lm_head}-{block}"
     timing = out / f"{method}-{lm_head}-{block}.time.json"
     if requantize or not (weights / "offload.json").exists():
         timing.write_text(json.dumps({"quantize_cpu_seconds": quantize_timed(model_dir, weights, method, lm_head,
                                                                              block)["quantize_cpu_seconds"]}))
-    r = evaluate(model_dir, weights, DATA / "eval.txt", max_tokens=max_tokens, stride=stride, dtype="float32",
+    r = evaluate(model_dir, weights, text, max_tokens=max_tokens, stride=stride, dtype="float32",
                  progress=False)  # the accuracy table compares against the exact float32 reference
     r["quantize_seconds"] = WeightsDir(weights).manifest["quantize_seconds"]
     r["block_size"], r["bits_linears"] = block, r["bits_per_weight"]["linears"]  # stored bytes: K's padding counts
@@ -99,6 +100,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=VARIANTS, help="method:lm_head pairs")
     p.add_argument("--out", default="/tmp/offload-eval-methods", help="where the weights dirs and results go")
+    p.add_argument("--text", type=Path, default=DATA / "eval.txt", help="held-out text to score (default eval.txt)")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--requantize", action="store_true", help="quantize again even where OUT has the weights")
@@ -123,9 +125,11 @@ def main() -> None:
         return
     rows = []
     for variant in args.variants:
-        rows.append(run_variant(model_dir, out, variant, args.max_tokens, args.stride, args.requantize))
+        rows.append(run_variant(model_dir, out, variant, args.max_tokens, args.stride, args.requantize,
+                                args.text))
         (out / "results.json").write_text(json.dumps(rows, indent=1))  # after each variant: they are slow
         print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(f"text: {args.text.name}")
     print(table(rows))
 
 

@@ -223,24 +223,16 @@ def check_engine(device: torch.device, new_tokens: int = 16) -> dict:
 def check_compiled(device: torch.device, new_tokens: int = 32) -> dict:
     """The tiny model all resident, eager and with the compiled decode step (a CUDA graph on cuda): greedy
     tokens must be equal; the decode rates of both say whether `--compile auto` turns it on here."""
+    from .compiled import measure
     from .engine import load
     with tempfile.TemporaryDirectory(prefix="offload-check-") as tmp:
         model_dir, weights_dir = _tiny_model(Path(tmp))
-        ids = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(2)).to(device)
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                      min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                      pad_token_id=511)
-        out = {}
-        for compiled in (False, True):
-            with load(model_dir, weights_dir, cache="full", device=device, dtype=torch.float32, progress=False,
-                      compile=compiled) as engine, torch.inference_mode():
-                for _ in range(2):  # the first call records the order, fills the cache, compiles
-                    engine.reset_stats()
-                    tokens = engine.model.generate(**engine.add_static_cache(dict(kwargs)))[0, ids.shape[1]:].tolist()
-                out[compiled] = (tokens, engine.stats["decode_tokens_per_s"], engine.stats["compile_seconds"])
-    (eager, eager_rate, _), (got, rate, seconds) = out[False], out[True]
-    return {"ok": got == eager, "tokens": got, "eager_tokens": eager, "eager_tokens_per_s": eager_rate,
-            "compiled_tokens_per_s": rate, "compile_seconds": seconds, "faster": rate > eager_rate}
+        with load(model_dir, weights_dir, cache="full", device=device, dtype=torch.float32, progress=False,
+                  compile=False) as engine:
+            m = measure(engine, new_tokens)
+    del m["compiled"]
+    return {"ok": m["tokens"] == m["eager_tokens"], **m,
+            "faster": m["compiled_tokens_per_s"] > m["eager_tokens_per_s"]}
 
 
 def last_check(device: torch.device) -> dict | None:
@@ -305,6 +297,17 @@ def run_check(device=None, shapes=SHAPES_32B, reps=REPS, log=print) -> dict:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("OFFLOAD_CACHE", Path.home() / ".cache" / "offload"))
+
+
+def cpu_name() -> str:
+    """The cpu's model name (/proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -14,7 +14,14 @@ HF generate stays the loop: it calls `model.get_compiled_call(...)` for decode s
 a static one, and we hand it this object. Prefill stays eager (its length varies). A static cache's
 length is part of the graph's shapes, so lengths are bucketed (powers of two from 256 on): few
 graphs, and attention never reads far past the longest context a call can reach.
+
+`compile="auto"` on cpu: whether the compiled step beats eager depends on the cpu (measured 1.5x faster on
+a Sapphire Rapids VM, slower on an AMD EPYC VM: benchmarks/README.md), so the first load of a model on a
+cpu measures both on that model (`measure`, a few seconds plus one compile) and records the answer per cpu,
+torch version, thread count and model shape in the offload cache dir (`PROBE_FILE`); later loads read it.
 """
+import json
+import os
 import sys
 import time
 
@@ -25,6 +32,11 @@ from .modules import kv_cache
 
 MIN_CACHE_LEN = 256
 COMPILE_MODES = ("auto", True, False)
+PROBE_FILE = "compile-cpu.json"
+PROBE_TOKENS = 32  # decode steps per side of the measurement (the first 2 of each are left out)
+# OFFLOAD_COMPILE_PROBE=0: "auto" stays eager on cpu without measuring (the test suite: each probe compiles for
+# seconds, in every test process with its own cache dir)
+PROBE_ON_CPU = os.environ.get("OFFLOAD_COMPILE_PROBE", "1") != "0"
 
 
 def cache_len(tokens: int, limit: int | None) -> int:
@@ -115,3 +127,97 @@ class CompiledDecode:
         engine.prefetcher.bound_uses += len(engine.prefetcher.bound)  # one product per matrix per step
         engine.timer.on_end(self.model, args, kwargs, out)
         return out
+
+
+def measure(engine, new_tokens: int = PROBE_TOKENS, progress: bool = False) -> dict:
+    """Greedy decode of `new_tokens` on `engine` (all bound, eager, compile off), eager and then with a
+    compiled step installed: {"eager_tokens", "tokens", "eager_tokens_per_s", "compiled_tokens_per_s",
+    "compile_seconds", "compiled": the installed CompiledDecode}. Tokens and speed do not depend on
+    the prompt, so it is 8 fixed ids."""
+    ids = torch.arange(1, 9, device=engine.device).unsqueeze(0)  # [1, 8]
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  pad_token_id=0)
+    out = {}
+    with torch.inference_mode():
+        for side in ("eager", "compiled"):
+            if side == "compiled":
+                engine.compiled = CompiledDecode(engine, progress)
+                engine.compiled.install()
+            for _ in range(2):  # the first call records the order, fills the cache, compiles
+                engine.reset_stats()
+                tokens = engine.model.generate(**engine.add_static_cache(dict(kwargs)))[0, ids.shape[1]:].tolist()
+            stats = engine.stats
+            out[side] = (tokens, stats["decode_tokens_per_s_after_warmup"] or stats["decode_tokens_per_s"])
+    engine.reset_stats()
+    return {"eager_tokens": out["eager"][0], "tokens": out["compiled"][0], "eager_tokens_per_s": out["eager"][1],
+            "compiled_tokens_per_s": out["compiled"][1], "compile_seconds": engine.compiled.compile_seconds,
+            "compiled": engine.compiled}
+
+
+def probe_key(engine) -> str:
+    """What the compiled step's speed against eager depends on: cpu, offload and torch versions, threads, dtype,
+    block size, fusion, model shape."""
+    from . import __version__
+    from .check import cpu_name
+    c = engine.config
+    shape = " ".join(f"{getattr(c, a, None)}" for a in ("model_type", "hidden_size", "intermediate_size",
+                                                         "num_hidden_layers", "num_attention_heads",
+                                                         "num_key_value_heads", "vocab_size"))
+    return (f"{cpu_name()} | offload {__version__} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+            f"{str(engine.dtype).removeprefix('torch.')} | block {engine.weights.block_size} | "
+            f"{'fused' if engine.groups else 'unfused'} | {shape}")
+
+
+def cpu_auto(engine, progress: bool = True):
+    """compile="auto" on cpu: the recorded answer for this cpu and model, or measure it now and record it.
+    -> an installed CompiledDecode where the compiled step measured faster, else None (eager)."""
+    if not PROBE_ON_CPU:
+        return None
+    from .check import cache_dir, write_json
+    path = cache_dir() / PROBE_FILE
+    try:
+        decisions = json.loads(path.read_text())
+        decisions = decisions if isinstance(decisions, dict) else {}
+    except (OSError, ValueError):
+        decisions = {}
+    key = probe_key(engine)
+    known = decisions.get(key)
+    if isinstance(known, dict) and isinstance(known.get("faster"), bool):
+        if not known["faster"]:
+            return None
+        compiled = CompiledDecode(engine, progress)
+        compiled.install()
+        return compiled
+    if progress:
+        print("measuring the compiled decode step against eager on this cpu (once per cpu, model and thread "
+              "count)...", file=sys.stderr)
+    try:
+        m = measure(engine)
+    except Exception as e:  # noqa: BLE001 - no C++ compiler, an inductor failure: eager is the answer here
+        if engine.compiled is not None:
+            engine.compiled.uninstall()
+        engine.compiled = None
+        decision = {"faster": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        line = f"the compiled decode step failed to compile ({decision['error']})"
+    else:
+        # speed decides: the compiled step's results are checked by the tests (float32, equal greedy tokens); in
+        # bfloat16 inductor rounds fused norms and rotary in another order, so greedy paths may part after a while
+        agree = next((i for i, (a, b) in enumerate(zip(m["tokens"], m["eager_tokens"])) if a != b), len(m["tokens"]))
+        decision = {"faster": m["compiled_tokens_per_s"] > m["eager_tokens_per_s"],
+                    "eager_tokens_per_s": round(m["eager_tokens_per_s"], 2),
+                    "compiled_tokens_per_s": round(m["compiled_tokens_per_s"], 2),
+                    "compile_seconds": round(m["compile_seconds"], 1), "greedy_tokens_agreeing": agree}
+        line = (f"compiled decode step: {m['compiled_tokens_per_s']:.1f} vs {m['eager_tokens_per_s']:.1f} tok/s eager "
+                f"(compiled in {m['compile_seconds']:.0f} s)")
+    decisions[key] = {**decision, "measured": time.strftime("%Y-%m-%d")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, decisions)
+    if progress:
+        print(f"{line}: --compile auto is {'on' if decision['faster'] else 'off'} on this cpu (recorded in {path})",
+              file=sys.stderr)
+    if decision["faster"]:
+        return engine.compiled
+    if engine.compiled is not None:
+        engine.compiled.uninstall()
+    return None

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from .attention import choose_attention
 from .cache import POLICIES, DeviceCache, auto_budget, auto_reserve, device_nbytes, parse_budget
-from .compiled import COMPILE_MODES, CompiledDecode
+from .compiled import COMPILE_MODES, CompiledDecode, cpu_auto
 from .cudart import CudaRuntime
 from .errors import OffloadError
 from .formats import make_format
@@ -172,18 +172,18 @@ class Engine:
         self.prefetcher.attach(model)  # after the timer's hooks: the first pass's planning is not timed
         if self.device.type == "cuda":
             self.warm_up(progress)
-        if self._compile_wanted(self._compile_option):
+        if self._compile_option == "auto" and self.device.type == "cpu":
+            # faster on some cpus, slower on others: measured once per cpu and model (offload/compiled.py)
+            self.compiled = cpu_auto(self, progress) if self.zero_copy else None
+        elif self._compile_wanted(self._compile_option):
             self.compiled = CompiledDecode(self, progress)
             self.compiled.install()
         self.reset_stats()
 
     def _compile_wanted(self, option) -> bool:
-        """compile=True: always; "auto": where it measured faster (benchmarks/README.md, "compiled decode")."""
+        """compile=True: always; "auto" on cuda: where this GPU's last offload-check measured it faster."""
         if option != "auto":
             return bool(option)
-        # cpu: measured slower than eager on the demo model (benchmarks/README.md, "compiled decode step"):
-        # the int4 kernel is most of the step, and guard checks plus inductor's wrapper cost more than the
-        # eager Python they replace. cuda: on where this GPU's last offload-check measured it faster.
         if self.device.type != "cuda":
             return False
         from .check import last_check

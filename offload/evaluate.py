@@ -130,7 +130,7 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
 
     ours, theirs, reference_nll, n = _Scores(), _Scores(), 0.0, 0
     with load(None if gguf else model_dir, weights_dir, cache=cache, policy=policy, device=device, dtype=dtype, threads=threads,
-              progress=False) as engine:
+              progress=False, compile=False) as engine:  # whole windows, no decode step to compile
         manifest = engine.weights.manifest
         weight_bits = bits.weights_dir_bits(engine.weights, engine.config)
         for (begin, first), x, h in tqdm(list(zip(spans, inputs, hidden)), desc="offload", unit="window",

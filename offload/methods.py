@@ -12,9 +12,11 @@ differ, and every result is rounded by `quant.quantize` with the scales the meth
           inverse Hessian H = X^T X of the layer's inputs X on calibration text. Needs activations,
           so it runs layer by layer over the whole model (`calibrated_model`). Columns go in order of
           decreasing Hessian diagonal ("act-order") with each block's scale fixed beforehand ("static
-          groups": the stored layout is unchanged). Each layer's Hessians come from one pass over the
-          calibration inputs (`sequential`, quantizing a layer's linears in call order from inputs made
-          by the quantized ones before, measured no better: benchmarks/README.md).
+          groups": the stored layout is unchanged), by the mse search with each input's error weighted
+          by its Hessian diagonal ("hmse": the error on an input that is often large costs more in the
+          output; measured better than plain mse on two texts, benchmarks/README.md). Each layer's Hessians come from one pass over the
+          calibration inputs (quantizing a layer's linears in call order, each from inputs made by the
+          quantized ones before, measured no better for twice the passes: benchmarks/README.md).
   awq     activation-aware scaling (Lin et al., 2023): per input channel c, scale the weight columns by
           s_c = mean|x_c|^alpha (alpha searched per group of linears reading the same input, for the
           least output error on calibration text) and divide the input by s_c where it is made: the
@@ -50,6 +52,8 @@ GPTQ_DAMP = 0.01  # of the mean Hessian diagonal, added to the diagonal (keeps H
 GPTQ_FACTOR_DTYPE = torch.float64
 GPTQ_SEQ_LEN = 512  # tokens per calibration sequence
 GPTQ_MAX_SEQUENCES = 128
+GPTQ_SCALE_SEARCHES = ("absmax", "mse", "hmse")
+GPTQ_SCALE_SEARCH = "hmse"  # the default: mse weighting each input's error by its Hessian diagonal (measured)
 GPTQ_BATCH = 128  # columns per lazy update of the rest of the matrix (GPTQ's "block"; not the quant block)
 AWQ_GRID = tuple(i / 20 for i in range(20))  # alpha: 0 (no scaling) .. 0.95
 AWQ_NORMS = ("input_layernorm", "post_attention_layernorm")  # their weights take the scales of q/k/v, gate/up
@@ -75,12 +79,14 @@ def absmax_scales(w: torch.Tensor, block_size: int = quant.BLOCK_SIZE) -> torch.
 
 
 def mse_scales(w: torch.Tensor, block_size: int = quant.BLOCK_SIZE, grid=MSE_GRID,
-               rows_per_chunk: int = 4096) -> torch.Tensor:
-    """[N, K] -> bf16 [N, Kp / block]: per block, the grid scale with the least squared error.
+               rows_per_chunk: int = 4096, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K] -> bf16 [N, Kp / block]: per block, the grid scale with the least squared error, each column's
+    error times `weights` [K] when given (hmse: the Hessian diagonal, how much each input counts).
 
     Errors are measured with the bf16 scale that will be stored, so the choice is the real one.
     """
     out = []
+    col = None if weights is None else quant.blocks(weights.float()[None], block_size)[0]  # [nb, block]
     for chunk in quant.blocks(w, block_size).split(rows_per_chunk):  # bounds the temporaries
         amax = chunk.abs().amax(dim=-1)  # [n, nb]
         best_err = torch.full_like(amax, float("inf"))
@@ -88,7 +94,8 @@ def mse_scales(w: torch.Tensor, block_size: int = quant.BLOCK_SIZE, grid=MSE_GRI
         for f in grid:
             s = (amax * f / quant.QMAX).to(torch.bfloat16)
             sf = s.float().unsqueeze(-1)
-            err = quant.round_blocks(chunk, sf).mul_(sf).sub_(chunk).square_().sum(dim=-1)
+            err = quant.round_blocks(chunk, sf).mul_(sf).sub_(chunk).square_()
+            err = (err if col is None else err.mul_(col)).sum(dim=-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, s, best)
@@ -163,11 +170,11 @@ def gptq_peak_bytes(n: int, k: int, block_size: int = quant.BLOCK_SIZE, dtype=GP
 
 
 def gptq(w: torch.Tensor, hessian, block_size: int = quant.BLOCK_SIZE, damp: float = GPTQ_DAMP,
-         scale_search: str = "mse", factor_dtype=None, act_order: bool = True):
+         scale_search: str = "hmse", factor_dtype=None, act_order: bool = True):
     """GPTQ-quantize one weight [N, K] given H = X^T X [K, K] of its inputs -> (packed, scales) as `quant.quantize`.
 
-    act_order (default): the scales of all blocks are chosen first (`scale_search`: absmax or mse, on the
-    weight as given), then columns are quantized in order of decreasing H diagonal, the most active
+    act_order (default): the scales of all blocks are chosen first (`scale_search`: absmax, mse, or hmse: mse
+    with each column's error times its H diagonal; on the weight as given), then columns are quantized in order of decreasing H diagonal, the most active
     inputs first, while the error still has the most columns left to go to. Otherwise columns go left to
     right and each block's scale is chosen when the block is reached, from its updated weights.
     `hessian` may be a `Hessian`: its matrix is then consumed (modified and released: `hessian.h` becomes
@@ -179,7 +186,8 @@ def gptq(w: torch.Tensor, hessian, block_size: int = quant.BLOCK_SIZE, damp: flo
     if hessian is None or hessian.shape != (k, k):
         raise OffloadError(f"GPTQ: Hessian {None if hessian is None else tuple(hessian.shape)} does not match "
                            f"the weight {tuple(w.shape)}")
-    search = {"absmax": absmax_scales, "mse": mse_scales}[scale_search]
+    if scale_search not in GPTQ_SCALE_SEARCHES:
+        raise OffloadError(f"GPTQ: unknown scale search {scale_search!r} (one of {', '.join(GPTQ_SCALE_SEARCHES)})")
     kp = quant.padded_k(k, block_size)
     work = torch.nn.functional.pad(w.float(), (0, kp - k))  # [N, Kp]
     if owner is not None and kp == k and hessian.dtype == torch.float32:
@@ -191,11 +199,17 @@ def gptq(w: torch.Tensor, hessian, block_size: int = quant.BLOCK_SIZE, damp: flo
     dead = h.diagonal() == 0  # inputs that are always 0 (and the padding): any value works, pick 0
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
+    diag = h.diagonal().clone()  # [Kp]: how much each input counts, for hmse
+
+    def search(x: torch.Tensor, start: int) -> torch.Tensor:  # x [N, cols from `start` on] -> its blocks' scales
+        if scale_search == "absmax":
+            return absmax_scales(x, block_size)
+        return mse_scales(x, block_size, weights=diag[start:start + x.shape[1]] if scale_search == "hmse" else None)
     scales = torch.empty(n, kp // block_size, dtype=torch.bfloat16, device=w.device)
     order = torch.arange(kp, device=w.device)
     col_scale = None  # fp32 [N, Kp]: the scale of each column, in the order columns are quantized
     if act_order:
-        scales = search(work, block_size)  # static groups: [N, Kp / block]
+        scales = search(work, 0)  # static groups: [N, Kp / block]
         order = torch.argsort(h.diagonal(), descending=True, stable=True)
         work = work[:, order]
         h = h[order]  # one [Kp, Kp] copy at a time: each rebinding frees the previous matrix
@@ -216,7 +230,7 @@ def gptq(w: torch.Tensor, hessian, block_size: int = quant.BLOCK_SIZE, damp: flo
             if col_scale is not None:
                 s = col_scale[:, i:i + 1]  # [N, 1]
             elif i % block_size == 0:  # a new block (within this batch: block sizes divide GPTQ_BATCH)
-                chosen = search(batch[:, j:j + block_size], block_size)  # from the weights as updated so far
+                chosen = search(batch[:, j:j + block_size], i)  # from the weights as updated so far
                 scales[:, i // block_size] = chosen[:, 0]
                 s = chosen.float()
             col = batch[:, j:j + 1]  # [N, 1]
@@ -240,30 +254,6 @@ def _calibration_ids(tokenizer_dir, text: str, seq_len: int, max_sequences: int)
     if count < 1:
         raise OffloadError(f"calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}")
     return torch.tensor(ids[:count * seq_len]).view(count, seq_len)
-
-
-def _stages(layer: torch.nn.Module, linears: dict, run) -> list[list[str]]:
-    """The keys of `linears` in groups, in the order `run()` (a forward of `layer`) first calls them;
-    linears called one after another on the same input tensor form one group (q/k/v, gate/up)."""
-    key_of = {id(m): key for key, m in linears.items()}
-    calls = []  # (key, input): the inputs are kept alive so that `is` compares real tensors
-    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((key_of[id(mod)], args[0])))
-             for m in linears.values()]
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    stages, done, last = [], set(), None
-    for key, x in calls:
-        if key not in done:
-            if stages and x is last:
-                stages[-1].append(key)
-            else:
-                stages.append([key])
-            done.add(key)
-        last = x
-    return stages + [[key] for key in linears if key not in done]  # never called: quantized last
 
 
 def _awq_search(w: torch.Tensor, h: torch.Tensor, x_mean: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -333,15 +323,13 @@ def _awq_layer(runner: LayerwiseModel, i: int, layer: torch.nn.Module, hidden: l
 @torch.no_grad()
 def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", block_size=quant.BLOCK_SIZE,
                      device="cpu", seq_len=GPTQ_SEQ_LEN, max_sequences=None, damp=GPTQ_DAMP,
-                     scale_search="mse", act_order=True, sequential=False, progress=True):
+                     scale_search="mse", act_order=True, progress=True):
     """A calibrated method (gptq, awq, awq+gptq) over a whole HF model, one decoder layer at a time: yields
     (key, (packed, scales)) for each int4 weight in `keys`, and, for awq, (key, tensor) for each norm weight
     that took a scale.
 
     Each layer's inputs come from the layers before it *already quantized*, so their errors are compensated
-    too; within a layer (`sequential`), GPTQ quantizes the linears in the order the forward calls them,
-    re-running the layer so that each group's Hessian comes from inputs made by the quantized groups before
-    it (otherwise one pass gives every Hessian). Memory: the
+    too; within a layer, one pass over the calibration inputs gives every linear's Hessian. Memory: the
     non-layer parameters, one float32 decoder layer, and the calibration activations [S, L, H]. The output
     projection is in `keys` when it should be quantized here too (GPTQ on the final norm's outputs).
     """
@@ -365,47 +353,44 @@ def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", b
             yield from _awq_layer(runner, i, layer, hidden, block_size).items()
         linears = {f"{names[id(m)]}.weight": m for m in layer.modules()
                    if isinstance(m, torch.nn.Linear) and f"{names[id(m)]}.weight" in keys}
-        stages = [list(linears)]  # sequential GPTQ: one stage per group of linears, in call order
-        if use_gptq and sequential:
-            stages = _stages(layer, linears, lambda: runner.run_layer(i, layer, hidden[0]))
-        for stage in stages:
+        order = list(linears)
+        if use_gptq:
+            hessians, last = {}, [None, None]  # last: (input, its Hessian); q/k/v and gate/up share one
+
+            def add(key):
+                def hook(mod, args):
+                    x = args[0]
+                    if x is last[0]:
+                        hessians[key] = last[1]
+                    else:
+                        h = hessians.setdefault(key, Hessian(linears[key].in_features, runner.device))
+                        h.add(x)
+                        last[:] = x, h
+                    if key == order[-1]:
+                        raise StopForward  # the rest of the layer is not needed
+                return hook
+
+            hooks = [linears[key].register_forward_pre_hook(add(key)) for key in order]
+            try:
+                for h in hidden:
+                    with contextlib.suppress(StopForward):
+                        runner.run_layer(i, layer, h)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            last[:] = None, None
+        for n, key in enumerate(order):
+            m = linears[key]
             if use_gptq:
-                hessians, last = {}, [None, None]  # last: (input, its Hessian); q/k/v and gate/up share one
-
-                def add(key):
-                    def hook(mod, args):
-                        x = args[0]
-                        if x is last[0]:
-                            hessians[key] = last[1]
-                        else:
-                            h = hessians.setdefault(key, Hessian(linears[key].in_features, runner.device))
-                            h.add(x)
-                            last[:] = x, h
-                        if key == stage[-1]:
-                            raise StopForward  # the rest of the layer is not needed for this stage
-                    return hook
-
-                hooks = [linears[key].register_forward_pre_hook(add(key)) for key in stage]
-                try:
-                    for h in hidden:
-                        with contextlib.suppress(StopForward):
-                            runner.run_layer(i, layer, h)
-                finally:
-                    for hook in hooks:
-                        hook.remove()
-                last[:] = None, None
-            for n, key in enumerate(stage):
-                m = linears[key]
-                if use_gptq:
-                    hess = hessians.pop(key)
-                    shared = any(hessians.get(other) is hess for other in stage[n + 1:])
-                    packed, scales = gptq(m.weight, hess.h.clone() if shared else hess, block_size, damp, scale_search,
-                                          act_order=act_order)  # the last user consumes the Hessian
-                else:
-                    packed, scales = quantize_weight(m.weight, scale_search, block_size)
-                # later stages and layers see this linear's real (quantized) output
-                m.weight.copy_(quant.dequantize(packed, scales, tuple(m.weight.shape)))
-                yield key, (packed.cpu(), scales.cpu())
+                hess = hessians.pop(key)
+                shared = any(hessians.get(other) is hess for other in order[n + 1:])
+                packed, scales = gptq(m.weight, hess.h.clone() if shared else hess, block_size, damp, scale_search,
+                                      act_order=act_order)  # the last user consumes the Hessian
+            else:
+                packed, scales = quantize_weight(m.weight, scale_search, block_size)
+            # the next layers see this linear's real (quantized) output
+            m.weight.copy_(quant.dequantize(packed, scales, tuple(m.weight.shape)))
+            yield key, (packed.cpu(), scales.cpu())
         hidden = [runner.run_layer(i, layer, h) for h in hidden]
     if runner.head_key in keys:
         if use_gptq:

@@ -261,7 +261,7 @@ def _method_options(method, calibration, lm_head) -> dict:
                        calibration_sha256=hashlib.sha256(text.encode()).hexdigest(),
                        seq_len=methods.GPTQ_SEQ_LEN, scale_search="mse")
         if method.endswith("gptq"):
-            options.update(damp=methods.GPTQ_DAMP, act_order=True, sequential=False)
+            options.update(damp=methods.GPTQ_DAMP, act_order=True, scale_search=methods.GPTQ_SCALE_SEARCH)
     elif calibration is not None:
         raise OffloadError(f"--calibration is used by the methods {', '.join(methods.CALIBRATED)} only, not {method}")
     if method == "mse":
@@ -344,8 +344,7 @@ def _quantize_tensors(source, tmp, config, wanted, linear_keys, modules, block_s
                                            method=options["method"], block_size=block_size, device=device,
                                            seq_len=options["seq_len"], damp=options.get("damp", methods.GPTQ_DAMP),
                                            scale_search=options["scale_search"],
-                                           act_order=options.get("act_order", True),
-                                           sequential=options.get("sequential", False), progress=progress)
+                                           act_order=options.get("act_order", True), progress=progress)
         for key, value in results:
             stem = key.removesuffix(".weight")
             if isinstance(value, tuple):  # an int4 linear

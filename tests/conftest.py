@@ -7,6 +7,9 @@ import torch
 # kernel module is imported, so it lives here, before the tests import anything from offload.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# compile="auto" on cpu stays eager, unmeasured, in tests and the processes they start, whatever this machine
+# recorded: each measurement compiles for seconds (tests/test_compiled.py tests the measurement itself)
+os.environ["OFFLOAD_COMPILE_PROBE"] = "0"
 
 import tiny  # noqa: E402 - imports offload, so after TRITON_INTERPRET
 from offload import methods, quant  # noqa: E402

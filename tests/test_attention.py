@@ -1,5 +1,6 @@
 """flash-attn only where it works: the probe against fake flash-attn modules (broken at import, at
-the call, wrong results, working), and the fallback to SDPA with one notice."""
+the call, wrong results, working), and the fallback to SDPA with one notice; on cpu in 16 bits, the decode
+step's attention in float32."""
 import sys
 import types
 
@@ -59,5 +60,32 @@ def test_a_broken_flash_attn_falls_back_to_sdpa(monkeypatch, capsys, case, expec
 
 def test_no_probe_where_flash_attn_is_not_used(monkeypatch):
     monkeypatch.setattr(attention, "probe_flash_attn", lambda d, t: pytest.fail("probed"))
-    assert attention.choose_attention(torch.device("cpu"), torch.bfloat16) == "sdpa"
+    assert attention.choose_attention(torch.device("cpu"), torch.bfloat16) == attention.CPU_DECODE_FP32
+    assert attention.choose_attention(torch.device("cpu"), torch.float32) == "sdpa"
     assert attention.choose_attention(torch.device("cuda"), torch.float32) == "sdpa"
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_cpu_16bit_decode_attention_runs_in_float32(q_len):
+    torch.manual_seed(0)
+    module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    kv_len = 40
+    q = torch.randn(2, 9, q_len, 64).bfloat16()  # [B, heads, T, D]
+    k, v = (torch.randn(2, 3, kv_len, 64).bfloat16() for _ in range(2))  # [B, kv heads, L, D]
+    mask = torch.zeros(2, 1, q_len, kv_len)
+    mask[0, ..., :7] = float("-inf")  # the first row is left-padded by 7
+    mask[..., kv_len - q_len:] += torch.full((q_len, q_len), float("-inf")).triu(1)  # causal within the new tokens
+    mask = mask.bfloat16()
+    out, _ = attention.sdpa_fp32_decode(module, q, k, v, mask, scaling=0.125)  # [B, T, heads, D]
+    assert out.dtype == torch.bfloat16 and out.shape == (2, q_len, 9, 64)
+    # the reference: float64 softmax(q k^T * scale + mask) v, each kv head serving 3 query heads
+    kr, vr = (t.double().repeat_interleave(3, dim=1) for t in (k, v))
+    ref = ((q.double() @ kr.transpose(-1, -2)) * 0.125 + mask.double()).softmax(-1) @ vr  # [B, heads, T, D]
+    ref = ref.transpose(1, 2)
+    err = (out.double() - ref).abs()
+    if q_len == 1:  # float32 math: only the output's own bf16 rounding is left
+        assert (err <= ref.abs() * 2 ** -8 + 1e-6).all()
+    else:  # prefill is HF's SDPA on the 16-bit inputs, unchanged
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        assert torch.equal(out, sdpa_attention_forward(module, q, k, v, mask, scaling=0.125)[0])
+        assert err.max() < 0.05

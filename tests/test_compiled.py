@@ -1,5 +1,6 @@
 """The compiled decode step (offload/compiled.py): one graph with no breaks, the same greedy tokens
 as the eager engine, and eager wherever the plan is not all bound."""
+import json
 import shutil
 
 import pytest
@@ -9,7 +10,8 @@ from transformers import StaticCache
 import offload
 from offload.kernels import cpu_native
 from offload.modules import kv_cache_kwarg
-from offload.compiled import MIN_CACHE_LEN, cache_len
+from offload import compiled
+from offload.compiled import MIN_CACHE_LEN, CompiledDecode, cache_len
 from offload.errors import OffloadError
 from offload.weights import quantize_model
 
@@ -124,3 +126,54 @@ def test_compile_option_is_checked(models):
     model_dir, weights_dir = models["llama"]
     with pytest.raises(OffloadError, match="compile must be one of"):
         offload.load(model_dir, weights_dir, progress=False, compile="yes")
+
+
+def test_auto_on_cpu_measures_once_per_cpu_and_model(models, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(compiled, "PROBE_ON_CPU", True)
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path))
+    model_dir, weights_dir = models["llama"]
+    ids = prompt_ids("cpu")
+    load = dict(device="cpu", dtype=torch.float32, progress=False)
+    with offload.load(model_dir, weights_dir, **load, compile=False) as engine:
+        expected = greedy(engine, ids)
+    torch._dynamo.reset()
+    with offload.load(model_dir, weights_dir, **{**load, "progress": True}) as engine:  # compile="auto"
+        decisions = json.loads((tmp_path / compiled.PROBE_FILE).read_text())
+        (key, d), = decisions.items()
+        assert key == compiled.probe_key(engine) and "float32" in key
+        assert d["greedy_tokens_agreeing"] == compiled.PROBE_TOKENS and d["compile_seconds"] > 0  # float32
+        assert d["faster"] == (d["compiled_tokens_per_s"] > d["eager_tokens_per_s"])
+        assert (engine.compiled is not None) == d["faster"] == engine.stats["compiled"]
+        assert torch.equal(greedy(engine, ids), expected)  # whichever step it kept
+        assert f"--compile auto is {'on' if d['faster'] else 'off'} on this cpu" in capsys.readouterr().err
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(compiled, "measure", measured_again)
+    for faster in (True, False):  # later loads read the recorded answer
+        (tmp_path / compiled.PROBE_FILE).write_text(json.dumps({key: {**d, "faster": faster}}))
+        with offload.load(model_dir, weights_dir, **load) as engine:
+            assert (engine.compiled is not None) == faster
+            assert ("get_compiled_call" in engine.model.__dict__) == faster
+
+    def slower(engine, **kwargs):
+        engine.compiled = CompiledDecode(engine, False)
+        engine.compiled.install()
+        return {"tokens": [1], "eager_tokens": [1], "eager_tokens_per_s": 10.0, "compiled_tokens_per_s": 5.0,
+                "compile_seconds": 1.0, "compiled": engine.compiled}
+
+    def fails(engine, **kwargs):
+        slower(engine)
+        raise RuntimeError("no C++ compiler\nmore lines")
+    for fake, recorded in ((slower, {"faster": False, "eager_tokens_per_s": 10.0}),
+                           (fails, {"faster": False, "error": "RuntimeError: no C++ compiler"})):
+        (tmp_path / compiled.PROBE_FILE).write_text("{not json")  # unreadable: measured again, rewritten
+        monkeypatch.setattr(compiled, "measure", fake)
+        with offload.load(model_dir, weights_dir, **load) as engine:
+            assert engine.compiled is None and "get_compiled_call" not in engine.model.__dict__
+            assert torch.equal(greedy(engine, ids), expected)
+        got = json.loads((tmp_path / compiled.PROBE_FILE).read_text())[key]
+        assert recorded.items() <= got.items()
+    # a streamed plan (copies emulated) never compiles, so it is not measured
+    with offload.load(model_dir, weights_dir, **load, cache="25%", emulate_copies=True) as engine:
+        assert engine.compiled is None

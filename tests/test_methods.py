@@ -79,12 +79,33 @@ def test_gptq_lowers_output_error_on_the_calibration_activations(block, act_orde
         return (x @ quant.dequantize(packed, scales, w.shape).T - x @ w.T).square().mean().item()
 
     mse = output_error(*methods.quantize_weight(w, "mse", block))
-    packed, scales = methods.gptq(w, h, block, act_order=act_order)
-    assert output_error(packed, scales) < 0.9 * mse
-    if act_order:  # static groups: every scale chosen from the weight before any update (a dead input's weights: 0)
-        assert torch.equal(scales, methods.mse_scales(torch.where(x.abs().sum(0) > 0, w, 0.0), block))
+    live = torch.where(x.abs().sum(0) > 0, w, 0.0)  # a dead input's weights are 0 in the result
+    for search in ("mse", "hmse"):
+        packed, scales = methods.gptq(w, h, block, scale_search=search, act_order=act_order)
+        assert output_error(packed, scales) < 0.9 * mse
+        if act_order:  # static groups: every scale chosen from the weight before any update
+            weights = h.diagonal() if search == "hmse" else None
+            assert torch.equal(scales, methods.mse_scales(live, block, weights=weights))
     with pytest.raises(OffloadError, match="does not match"):
         methods.gptq(w, h[:10, :10])
+    with pytest.raises(OffloadError, match="unknown scale search"):
+        methods.gptq(w, h, scale_search="max")
+
+
+def test_hmse_picks_the_scale_with_the_least_error_weighted_by_the_hessian_diagonal():
+    torch.manual_seed(5)
+    w = torch.randn(32, 256)
+    diag = torch.rand(256) * torch.where(torch.rand(256) < 0.1, 100.0, 1.0)  # a few inputs matter far more
+
+    def errors(scales, weights):  # [32, blocks]: squared rounding error per block, each column times its weight
+        wq = quant.dequantize(*quant.quantize(w, 64, scales=scales), w.shape)
+        return ((wq - w).square() * weights).view(32, 4, 64).sum(-1)
+
+    plain, weighted = methods.mse_scales(w, 64), methods.mse_scales(w, 64, weights=diag)
+    assert (errors(weighted, diag) <= errors(plain, diag) * (1 + 1e-5)).all()  # each is the best for its measure
+    assert (errors(plain, 1.0) <= errors(weighted, 1.0) * (1 + 1e-5)).all()
+    assert errors(weighted, diag).sum() < 0.97 * errors(plain, diag).sum()
+    assert torch.equal(methods.mse_scales(w, 64, weights=torch.full((256,), 3.0)), plain)  # a uniform weight: mse
 
 
 def test_act_order_gains_over_column_order_where_inputs_differ_in_scale():
@@ -98,19 +119,6 @@ def test_act_order_gains_over_column_order_where_inputs_differ_in_scale():
         return (x @ wq.T - x @ w.T).square().mean().item()
 
     assert output_error(True) < output_error(False)
-
-
-def test_gptq_quantizes_a_layers_linears_in_the_order_its_forward_calls_them(llama):
-    from offload.layerwise import LayerwiseModel
-    from offload.source import SourceModel
-    runner = LayerwiseModel(SourceModel(llama[0]))
-    h = runner.embed(torch.arange(20)[None])
-    walk = runner.layers()  # held: the layer goes back to meta when the walk is dropped
-    i, layer = next(walk)
-    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    stages = methods._stages(layer, dict(reversed(linears.items())), lambda: runner.run_layer(i, layer, h))
-    assert stages == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
 def test_awq_search_gives_the_inputs_that_matter_finer_steps():
@@ -155,8 +163,9 @@ def test_awq_scales_fold_into_the_model_without_changing_its_function(tmp_path, 
     assert ("self_attn.o_proj.weight" in scaled) == (kv_heads == cfg.num_attention_heads)
 
 
+@pytest.mark.parametrize("block", quant.BLOCK_SIZES)
 @pytest.mark.parametrize("method", methods.CALIBRATED)
-def test_quantize_model_records_the_method_and_calibrated_methods_run_layer_by_layer(llama, tmp_path, method):
+def test_quantize_model_records_the_method_and_calibrated_methods_run_layer_by_layer(llama, tmp_path, method, block):
     model_dir, _ = llama
     calibration = tmp_path / "calibration.txt"
     calibration.write_text(CALIBRATION)
@@ -164,10 +173,10 @@ def test_quantize_model_records_the_method_and_calibrated_methods_run_layer_by_l
     # projection is quantized by the method too (GPTQ: inputs taken after the final norm)
     given = None if method == "awq" else calibration
     out = quantize_model(model_dir, tmp_path / "w", method=method, calibration=given, lm_head="int4",
-                         block_size=32, progress=False)
+                         block_size=block, progress=False)
     w = WeightsDir(out)
     m = w.manifest
-    assert m["method"] == method and m["lm_head"] == "int4" and m["block_size"] == 32
+    assert m["method"] == method and m["lm_head"] == "int4" and m["block_size"] == block
     text = (calibration if given else methods.CALIBRATION_TEXT).read_text()
     assert m["method_options"]["calibration"] == ("calibration.txt" if given else "built-in")
     assert m["method_options"]["calibration_sha256"] == hashlib.sha256(text.encode()).hexdigest()
@@ -248,6 +257,7 @@ def test_defaults_are_the_measured_choice(llama, tmp_path):
     assert (m["method"], m["lm_head"], m["block_size"]) == ("awq+gptq", "int8", 128)
     assert m["tensors"]["lm_head.weight"]["quant"] == "int8"
     assert m["method_options"]["calibration"] == "built-in" and m["method_options"]["act_order"]
+    assert m["method_options"]["scale_search"] == "hmse"
     assert [methods.default_method(gguf, kind) for gguf, kind in [(False, "qwen2"), (False, "gpt_neox"), (True, "llama")]] \
         == ["awq+gptq", "gptq", "mse"]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..check import cpu_name
 from ..units import fmt_bytes
 from . import ceilings
 from .baselines import PEERS, peer_legend
@@ -175,16 +176,6 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
 
 
 # ---------------------------------------------------------------- conditions
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
     """The machine as it is now: cpu, cores, RAM, GPU, load average, software versions."""
     import transformers
@@ -192,7 +183,7 @@ def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "os": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "cpu": f"{_cpu_model()}, {psutil.cpu_count(logical=False)} physical / {os.cpu_count()} logical cores",
+        "cpu": f"{cpu_name()}, {psutil.cpu_count(logical=False)} physical / {os.cpu_count()} logical cores",
         "ram": fmt_bytes(psutil.virtual_memory().total),
         "gpu": (", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
                 if torch.cuda.is_available() else "none"),
