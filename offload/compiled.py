@@ -15,8 +15,9 @@ a static one, and we hand it this object. Prefill stays eager (its length varies
 length is part of the graph's shapes, so lengths are bucketed (powers of two from 256 on): few
 graphs, and attention never reads far past the longest context a call can reach.
 
-`compile="auto"` on cpu: whether the compiled step beats eager depends on the cpu (measured 1.5x faster on
-a Sapphire Rapids VM, slower on an AMD EPYC VM: benchmarks/README.md), so the first load of a model on a
+`compile="auto"` on cpu: whether the compiled step beats eager depends on the cpu (measured faster on a
+Sapphire Rapids VM, slower on an AMD EPYC VM before the decode attention ran in float32: benchmarks/README.md),
+so the first load of a model on a
 cpu measures both on that model (`measure`, a few seconds plus one compile) and records the answer per cpu,
 torch version, thread count and model shape in the offload cache dir (`PROBE_FILE`); later loads read it.
 """
@@ -132,8 +133,8 @@ class CompiledDecode:
 def measure(engine, new_tokens: int = PROBE_TOKENS, progress: bool = False) -> dict:
     """Greedy decode of `new_tokens` on `engine` (all bound, eager, compile off), eager and then with a
     compiled step installed: {"eager_tokens", "tokens", "eager_tokens_per_s", "compiled_tokens_per_s",
-    "compile_seconds", "compiled": the installed CompiledDecode}. Tokens and speed do not depend on
-    the prompt, so it is 8 fixed ids."""
+    "compile_seconds", "compiled": the installed CompiledDecode}. The speed does not depend on what the
+    prompt says, so it is 8 fixed ids."""
     ids = torch.arange(1, 9, device=engine.device).unsqueeze(0)  # [1, 8]
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -195,9 +196,6 @@ def cpu_auto(engine, progress: bool = True):
     try:
         m = measure(engine)
     except Exception as e:  # noqa: BLE001 - no C++ compiler, an inductor failure: eager is the answer here
-        if engine.compiled is not None:
-            engine.compiled.uninstall()
-        engine.compiled = None
         decision = {"faster": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         line = f"the compiled decode step failed to compile ({decision['error']})"
     else:
@@ -218,6 +216,7 @@ def cpu_auto(engine, progress: bool = True):
               file=sys.stderr)
     if decision["faster"]:
         return engine.compiled
-    if engine.compiled is not None:
+    if engine.compiled is not None:  # slower, or it failed after installing
         engine.compiled.uninstall()
+    engine.compiled = None
     return None

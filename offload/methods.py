@@ -170,7 +170,7 @@ def gptq_peak_bytes(n: int, k: int, block_size: int = quant.BLOCK_SIZE, dtype=GP
 
 
 def gptq(w: torch.Tensor, hessian, block_size: int = quant.BLOCK_SIZE, damp: float = GPTQ_DAMP,
-         scale_search: str = "hmse", factor_dtype=None, act_order: bool = True):
+         scale_search: str = GPTQ_SCALE_SEARCH, factor_dtype=None, act_order: bool = True):
     """GPTQ-quantize one weight [N, K] given H = X^T X [K, K] of its inputs -> (packed, scales) as `quant.quantize`.
 
     act_order (default): the scales of all blocks are chosen first (`scale_search`: absmax, mse, or hmse: mse
@@ -210,7 +210,7 @@ def gptq(w: torch.Tensor, hessian, block_size: int = quant.BLOCK_SIZE, damp: flo
     col_scale = None  # fp32 [N, Kp]: the scale of each column, in the order columns are quantized
     if act_order:
         scales = search(work, 0)  # static groups: [N, Kp / block]
-        order = torch.argsort(h.diagonal(), descending=True, stable=True)
+        order = torch.argsort(diag, descending=True, stable=True)
         work = work[:, order]
         h = h[order]  # one [Kp, Kp] copy at a time: each rebinding frees the previous matrix
         h = h[:, order]
