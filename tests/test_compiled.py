@@ -177,3 +177,47 @@ def test_auto_on_cpu_measures_once_per_cpu_and_model(models, monkeypatch, tmp_pa
     # a streamed plan (copies emulated) never compiles, so it is not measured
     with offload.load(model_dir, weights_dir, **load, cache="25%", emulate_copies=True) as engine:
         assert engine.compiled is None
+
+
+def test_engines_of_one_model_class_keep_their_own_graphs(models, llama_int8_head):
+    # the compiled step checks only its inputs before each step, not the modules (offload/compiled.py), so two
+    # engines of the same model class must never share a graph: here the same Llama with an int4 and an int8
+    # output projection, both compiled in one process without a dynamo reset in between
+    ids = prompt_ids("cpu")
+    expected, got = [], []
+    for model_dir, weights_dir in (models["llama"], llama_int8_head):
+        with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
+                          compile=False) as engine:
+            expected.append(greedy(engine, ids))
+    torch._dynamo.reset()
+    engines = [offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
+                            compile=True) for model_dir, weights_dir in (models["llama"], llama_int8_head)]
+    try:
+        for engine in engines + engines[::-1]:  # each after the other has compiled and run
+            got.append(greedy(engine, ids))
+            assert engine.stats["compiled"]
+    finally:
+        for engine in engines:
+            engine.close()
+    assert not torch.equal(expected[0], expected[1])  # the two heads answer differently: the check can fail
+    for out, want in zip(got, expected + expected[::-1]):
+        assert torch.equal(out, want)
+
+
+def test_replan_compiles_the_step_afresh(models):
+    # after a replan the slots are new tensors; the compiled step, which does not re-check the modules, must
+    # compile again rather than run the graph made for the old plan
+    model_dir, weights_dir = models["llama"]
+    ids = prompt_ids("cpu")
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
+                      compile=False) as engine:
+        expected = greedy(engine, ids)
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
+                      emulate_copies=True, compile=True) as engine:
+        assert torch.equal(greedy(engine, ids), expected)
+        first = engine.compiled.forward
+        engine.replan("25%", "pin")  # streamed: eager
+        assert torch.equal(greedy(engine, ids), expected)
+        engine.replan("full", "pin")
+        assert torch.equal(greedy(engine, ids), expected)
+        assert engine.compiled.forward is not first and engine.stats["compile_seconds"] > 0

@@ -84,6 +84,7 @@ def _loaded() -> bool:
                       RuntimeWarning, stacklevel=3)
         return False
     _register_fake()
+    _op()  # resolved here, outside any trace: a first resolution inside torch.compile would recompile the step
     return True
 
 
