@@ -21,11 +21,13 @@ so the first load of a model on a
 cpu measures both on that model (`measure`, a few seconds plus one compile) and records the answer per cpu,
 torch version, thread count and model shape in the offload cache dir (`PROBE_FILE`); later loads read it.
 """
+import hashlib
 import inspect
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import CompileConfig, StaticCache
@@ -35,6 +37,8 @@ from .modules import kv_cache
 MIN_CACHE_LEN = 256
 COMPILE_MODES = ("auto", True, False)
 PROBE_FILE = "compile-cpu.json"
+# the code the answer depends on besides torch (a record made by other code is measured again)
+PROBE_SOURCES = ("compiled.py", "attention.py", "kernels/cpu_int4_avx.cpp")
 PROBE_TOKENS = 32  # decode steps per side of the measurement (the first 2 of each are left out)
 # OFFLOAD_COMPILE_PROBE=0: "auto" stays eager on cpu without measuring (the test suite: each probe compiles for
 # seconds, in every test process with its own cache dir)
@@ -174,15 +178,16 @@ def measure(engine, new_tokens: int = PROBE_TOKENS, progress: bool = False) -> d
 
 
 def probe_key(engine) -> str:
-    """What the compiled step's speed against eager depends on: cpu, offload and torch versions, threads, dtype,
-    block size, fusion, model shape."""
+    """What the compiled step's speed against eager depends on: cpu, offload's version and code, torch version,
+    threads, dtype, block size, fusion, model shape."""
     from . import __version__
     from .check import cpu_name
     c = engine.config
+    code = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes() for f in PROBE_SOURCES)).hexdigest()[:8]
     shape = " ".join(f"{getattr(c, a, None)}" for a in ("model_type", "hidden_size", "intermediate_size",
                                                          "num_hidden_layers", "num_attention_heads",
                                                          "num_key_value_heads", "vocab_size"))
-    return (f"{cpu_name()} | offload {__version__} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+    return (f"{cpu_name()} | offload {__version__} ({code}) | torch {torch.__version__} | {torch.get_num_threads()} threads | "
             f"{str(engine.dtype).removeprefix('torch.')} | block {engine.weights.block_size} | "
             f"{'fused' if engine.groups else 'unfused'} | {shape}")
 

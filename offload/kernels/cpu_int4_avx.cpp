@@ -1,5 +1,7 @@
 // offload_native::int4_mm: y[M, N] = x[M, K] @ W.T on cpu for small M (decode), W symmetric int4.
 // offload_native::int8_mm: the same for the int8 format (the output projection), see the end of the file.
+// offload_native::decode_attention: one query position against a KV cache, in fp32, over the cached
+// positions only (see the end of the file).
 //
 // Layout (offload/kernels/cpu_native.py `repack`): w uint8 [N, Kq/2], Kq = K padded to the block and to 64.
 // Each 64-column chunk of a row is 32 bytes; byte j holds column j (low nibble) and column j + 32 (high
@@ -23,6 +25,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -320,14 +324,96 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return y;
 }
 
+// Decode attention: out[b, h] = softmax_t(scale * q[b, h] . k[b, h / G, t]) @ v[b, h / G, t] over the positions t
+// with mask[b, t] set (all when there is no mask), where G = H / Hk query heads share a kv head. Only positions up
+// to the last one set are read: a static cache's unused tail costs nothing (SDPA reads all T). fp32 throughout;
+// q, k, v bf16 or fp32. q [B, H, D], k/v [B, Hk, T, D] with unit stride in D and D a multiple of 8, mask bool
+// [B, T] -> [B, H, D]. One task per (b, kv head): each k and v row is read once for its G query heads.
+inline __m256 load8(const void* p, bool bf16) {
+  if (bf16) {  // bf16 -> fp32: the 16 bits become the high half of the fp32 word
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(p));
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() &&
+                  k.size(0) == q.size(0) && k.size(3) == q.size(2) && q.size(1) % k.size(1) == 0 &&
+                  q.size(2) % 8 == 0,
+              "decode_attention: q [B, H, D], k and v [B, Hk, T, D], H a multiple of Hk, D a multiple of 8");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v need unit stride in D");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kFloat) &&
+                  (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
+              "decode_attention: q, k, v must be bf16 or fp32 (k and v alike)");
+  const int64_t n_b = q.size(0), n_h = q.size(1), d = q.size(2), n_kv = k.size(1), n_t = k.size(2);
+  const int64_t group = n_h / n_kv;
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = mask->contiguous();
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == n_b && m.size(1) == n_t,
+                "decode_attention: mask must be bool [B, T]");
+  }
+  const at::Tensor qf = q.to(at::kFloat);  // [B, H, D]
+  at::Tensor out = at::empty({n_b, n_h, d}, q.options().dtype(at::kFloat));
+  const bool bf16 = k.scalar_type() == at::kBFloat16;
+  const int64_t es = k.element_size();
+  at::parallel_for(0, n_b * n_kv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(group * n_t), acc(group * d);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / n_kv, kv = i % n_kv;
+      const bool* mb = m.defined() ? m.data_ptr<bool>() + b * n_t : nullptr;
+      int64_t len = n_t;
+      while (mb && len > 0 && !mb[len - 1]) --len;
+      const float* qb = qf.data_ptr<float>() + (b * n_h + kv * group) * d;  // the group's G rows
+      const char* kb = static_cast<const char*>(k.data_ptr()) + (b * k.stride(0) + kv * k.stride(1)) * es;
+      const char* vb = static_cast<const char*>(v.data_ptr()) + (b * v.stride(0) + kv * v.stride(1)) * es;
+      std::vector<float> top(group, -INFINITY), total(group, 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        if (mb && !mb[t]) continue;
+        const char* kr = kb + t * k.stride(2) * es;
+        for (int64_t g = 0; g < group; ++g) {
+          __m256 s = _mm256_setzero_ps();
+          for (int64_t j = 0; j < d; j += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qb + g * d + j), load8(kr + j * es, bf16), s);
+          scores[g * n_t + t] = hsum(s) * float(scale);
+          top[g] = std::max(top[g], scores[g * n_t + t]);
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        if (mb && !mb[t]) continue;
+        const char* vr = vb + t * v.stride(2) * es;
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = std::exp(scores[g * n_t + t] - top[g]);
+          total[g] += p;
+          const __m256 pv = _mm256_set1_ps(p);
+          float* a = acc.data() + g * d;
+          for (int64_t j = 0; j < d; j += 8)
+            _mm256_storeu_ps(a + j, _mm256_fmadd_ps(pv, load8(vr + j * es, bf16), _mm256_loadu_ps(a + j)));
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* o = out.data_ptr<float>() + (b * n_h + kv * group + g) * d;
+        // no position attended (a fully masked row): zeros, where softmax would give NaN
+        for (int64_t j = 0; j < d; ++j) o[j] = total[g] > 0.f ? acc[g * d + j] / total[g] : 0.f;
+      }
+    }
+  });
+  return out.to(q.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(offload_native, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor scales, int in_features) -> Tensor");
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales, int in_features) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(offload_native, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("int8_mm", &int8_mm);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -96,6 +96,7 @@ def _register_fake() -> None:
 
     torch.library.register_fake(f"{NAME}::int4_mm")(shape)
     torch.library.register_fake(f"{NAME}::int8_mm")(shape)
+    torch.library.register_fake(f"{NAME}::decode_attention")(lambda q, k, v, mask, scale: torch.empty_like(q))
 
 
 def available() -> bool:
@@ -121,6 +122,14 @@ def native_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     -> [M, N] in x.dtype, x quantized to int8 per 32 columns as for int4_mm."""
     return torch.ops.offload_native.int8_mm.default(x if x.is_contiguous() else x.contiguous(), qweight, scales,
                                                      in_features)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """One query position: q [B, H, D] against k/v [B, Hk, T, D] (H a multiple of Hk), positions where
+    mask bool [B, T] is set (all if None) -> [B, H, D] in q's dtype, computed in fp32 over the positions up to
+    the last one set (a static cache's empty tail is not read)."""
+    return torch.ops.offload_native.decode_attention.default(q, k, v, mask, scale)
 
 
 @dataclass(frozen=True)
