@@ -97,7 +97,7 @@ def profile_step(engine, ids, compiled: bool, steps: int = 16) -> dict:
     compiled step; the rest of the step's wall time is Python, hooks and dispatch."""
     from torch.profiler import ProfilerActivity, profile
     kinds = {"int4 matmul": ("int4pack_mm", "int4_mm"), "output projection (int8)": ("int8pack_mm", "int8_mm"),
-             "attention": ("scaled_dot_product", "flash_attention"),
+             "attention": ("scaled_dot_product", "flash_attention", "decode_attention"),
              "compiled graph's fused kernels": ("CompiledFxGraph",), "guard checks": ("TorchDynamo Cache Lookup",)}
     model, name = engine.model, kv_cache_kwarg(engine.model)
     with torch.inference_mode():

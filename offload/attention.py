@@ -61,8 +61,9 @@ def native_decode(module, query, key, value, attention_mask, **kwargs):
     layer on an AMD EPYC at 1 thread, 3 ms of a 13 ms step at a 70-token context), the kernel ~14 us."""
     b, h, q_len, d = query.shape
     t = key.shape[2]
-    if (q_len != 1 or query.dtype != torch.bfloat16 or key.dtype != value.dtype or d % 8 or kwargs.get("dropout")
-            or not (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.shape[-1] == t))):
+    plain_mask = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.shape[-1] == t)
+    if (q_len != 1 or query.dtype != torch.bfloat16 or key.dtype != value.dtype or d % 8 or not plain_mask
+            or kwargs.get("dropout") or kwargs.get("s_aux") is not None):  # attention sinks: HF's own paths
         return sdpa_fp32_decode(module, query, key, value, attention_mask, **kwargs)
     mask = None if attention_mask is None else attention_mask[:, 0, -1, :].expand(b, t)  # [B, T]
     scale = kwargs.get("scaling") or d ** -0.5

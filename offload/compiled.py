@@ -6,9 +6,10 @@ allocation: offload/prefetch.py), every product is a custom op with a fake imple
 (offload/kernels/ops.py), and the KV cache is HF's StaticCache (fixed shapes). What stays outside the
 graph, in `CompiledDecode.__call__`: the pass timer and the prefetcher's pass hooks (host clock, locks,
 counters) and the input embedding (a host-side gather on cuda), whose output enters the graph as
-`inputs_embeds`. On cuda the graph is replayed as a CUDA graph (mode "reduce-overhead"); the bound
-slots are marked as static addresses (the arena keeps them in place), so a replay copies only the
-step's inputs.
+`inputs_embeds`. Before each step only the step's inputs are checked, not the modules (`_compile`): a
+hook or module added to a loaded model is not seen by the compiled step. On cuda the graph is replayed as
+a CUDA graph (mode "reduce-overhead"); the bound slots are marked as static addresses (the arena keeps
+them in place), so a replay copies only the step's inputs.
 
 HF generate stays the loop: it calls `model.get_compiled_call(...)` for decode steps when the cache is
 a static one, and we hand it this object. Prefill stays eager (its length varies). A static cache's

@@ -27,6 +27,13 @@ def greedy(engine, ids):
         return engine.model.generate(**engine.add_static_cache(kwargs))
 
 
+def eager_greedy(model_dir, weights_dir, ids):
+    """The reference: greedy tokens of the eager float32 engine."""
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
+                      compile=False) as engine:
+        return greedy(engine, ids)
+
+
 @pytest.fixture(scope="module")
 def llama_int8_head(llama, tmp_path_factory):
     """The tiny Llama with an int8 output projection (resident, the int8 kernel)."""
@@ -115,9 +122,7 @@ def test_streamed_plan_stays_eager(models):
     # copies through a quarter-size cache: matrices stream, nothing is bound for good, so no graph
     model_dir, weights_dir = models["llama"]
     ids = prompt_ids("cpu")
-    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
-                      compile=False) as engine:
-        expected = greedy(engine, ids)
+    expected = eager_greedy(model_dir, weights_dir, ids)
     with offload.load(model_dir, weights_dir, cache="25%", device="cpu", dtype=torch.float32, progress=False,
                       emulate_copies=True, compile=True) as engine:
         assert torch.equal(greedy(engine, ids), expected)
@@ -188,9 +193,7 @@ def test_engines_of_one_model_class_keep_their_own_graphs(models, llama_int8_hea
     ids = prompt_ids("cpu")
     expected, got = [], []
     for model_dir, weights_dir in (models["llama"], llama_int8_head):
-        with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
-                          compile=False) as engine:
-            expected.append(greedy(engine, ids))
+        expected.append(eager_greedy(model_dir, weights_dir, ids))
     torch._dynamo.reset()
     engines = [offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
                             compile=True) for model_dir, weights_dir in (models["llama"], llama_int8_head)]
@@ -211,9 +214,7 @@ def test_replan_compiles_the_step_afresh(models):
     # compile again rather than run the graph made for the old plan
     model_dir, weights_dir = models["llama"]
     ids = prompt_ids("cpu")
-    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
-                      compile=False) as engine:
-        expected = greedy(engine, ids)
+    expected = eager_greedy(model_dir, weights_dir, ids)
     with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
                       emulate_copies=True, compile=True) as engine:
         assert torch.equal(greedy(engine, ids), expected)

@@ -376,7 +376,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         const char* kr = kb + t * k.stride(2) * es;
         for (int64_t g = 0; g < group; ++g) {
           __m256 s = _mm256_setzero_ps();
-          for (int64_t j = 0; j < d; j += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qb + g * d + j), load8(kr + j * es, bf16), s);
+          for (int64_t j = 0; j < d; j += 8)
+            s = _mm256_fmadd_ps(_mm256_loadu_ps(qb + g * d + j), load8(kr + j * es, bf16), s);
           scores[g * n_t + t] = hsum(s) * float(scale);
           top[g] = std::max(top[g], scores[g * n_t + t]);
         }
