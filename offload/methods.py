@@ -323,7 +323,7 @@ def _awq_layer(runner: LayerwiseModel, i: int, layer: torch.nn.Module, hidden: l
 @torch.no_grad()
 def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", block_size=quant.BLOCK_SIZE,
                      device="cpu", seq_len=GPTQ_SEQ_LEN, max_sequences=None, damp=GPTQ_DAMP,
-                     scale_search="mse", act_order=True, progress=True):
+                     scale_search=None, act_order=True, progress=True):
     """A calibrated method (gptq, awq, awq+gptq) over a whole HF model, one decoder layer at a time: yields
     (key, (packed, scales)) for each int4 weight in `keys`, and, for awq, (key, tensor) for each norm weight
     that took a scale.
@@ -332,6 +332,7 @@ def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", b
     too; within a layer, one pass over the calibration inputs gives every linear's Hessian. Memory: the
     non-layer parameters, one float32 decoder layer, and the calibration activations [S, L, H]. The output
     projection is in `keys` when it should be quantized here too (GPTQ on the final norm's outputs).
+    scale_search: GPTQ's block scales (default GPTQ_SCALE_SEARCH), or plain awq's rounding (default mse).
     """
     from tqdm import tqdm
     if method not in CALIBRATED:
@@ -341,6 +342,7 @@ def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", b
         raise OffloadError(f"method {method} folds scales into the norms of the {', '.join(AWQ_FAMILIES)} "
                            f"families, not {source.config.model_type}: use gptq or mse")
     use_gptq = method.endswith("gptq")
+    scale_search = scale_search or (GPTQ_SCALE_SEARCH if use_gptq else "mse")
     ids = _calibration_ids(model_dir, calibration_text, seq_len, max_sequences or GPTQ_MAX_SEQUENCES)  # [S, L]
     runner = LayerwiseModel(source, device, torch.float32)
     keys = set(keys)

@@ -284,3 +284,17 @@ def test_int8_linear_module_kernel_and_cpu_copy_match_the_reference(monkeypatch,
     got = lin(x)
     assert got.dtype == dtype and got.device == x.device
     torch.testing.assert_close(got.float().cpu(), want, **tol)
+
+
+@pytest.mark.parametrize("method, expect", [("gptq", methods.GPTQ_SCALE_SEARCH), ("awq", "mse")])
+def test_calibrated_model_defaults_to_each_methods_own_scale_search(llama, monkeypatch, method, expect):
+    # called directly (not through quantize_model, which passes the recorded option): GPTQ's block scales get
+    # GPTQ's default, plain awq's rounding gets mse
+    model_dir, _ = llama
+    seen = []
+    for name, at in (("gptq", 4), ("quantize_weight", 1)):
+        real = getattr(methods, name)
+        monkeypatch.setattr(methods, name, lambda *a, real=real, at=at, **k: seen.append(a[at]) or real(*a, **k))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    out = dict(methods.calibrated_model(model_dir, CALIBRATION, {key}, method=method, progress=False))
+    assert key in out and seen == [expect]
