@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ PROBE_FILE = "compile-cpu.json"
 # the code the answer depends on besides torch (a record made by other code is measured again)
 PROBE_SOURCES = ("compiled.py", "attention.py", "kernels/cpu_int4_avx.cpp")
 PROBE_TOKENS = 32  # decode steps per side of the measurement (the first 2 of each are left out)
+PROBE_ROUNDS = 3  # alternating rounds per side (the median is compared)
 # OFFLOAD_COMPILE_PROBE=0: "auto" stays eager on cpu without measuring (the test suite: each probe compiles for
 # seconds, in every test process with its own cache dir)
 PROBE_ON_CPU = os.environ.get("OFFLOAD_COMPILE_PROBE", "1") != "0"
@@ -152,30 +154,41 @@ class CompiledDecode:
         return out
 
 
-def measure(engine, new_tokens: int = PROBE_TOKENS, progress: bool = False) -> dict:
-    """Greedy decode of `new_tokens` on `engine` (all bound, eager, compile off), eager and then with a
-    compiled step installed: {"eager_tokens", "tokens", "eager_tokens_per_s", "compiled_tokens_per_s",
+def measure(engine, new_tokens: int = PROBE_TOKENS, progress: bool = False, rounds: int = PROBE_ROUNDS) -> dict:
+    """Greedy decode of `new_tokens` on `engine` (all bound, eager, compile off), eager and with a compiled
+    step installed, in `rounds` alternating rounds after a warm-up of each (so a change in the machine's load
+    falls on both sides): {"eager_tokens", "tokens", "eager_tokens_per_s", "compiled_tokens_per_s" (medians),
     "compile_seconds", "compiled": the installed CompiledDecode}. The speed does not depend on what the
     prompt says, so it is 8 fixed ids."""
     ids = torch.arange(1, 9, device=engine.device).unsqueeze(0)  # [1, 8]
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                   pad_token_id=0)
-    out = {}
+    compiled = CompiledDecode(engine, progress)
+    tokens, speeds = {}, {"eager": [], "compiled": []}
+
+    def run(side: str) -> float:
+        if side == "compiled":
+            engine.compiled = compiled
+            compiled.install()
+        else:
+            compiled.uninstall()
+            engine.compiled = None
+        engine.reset_stats()
+        tokens[side] = engine.model.generate(**engine.add_static_cache(dict(kwargs)))[0, ids.shape[1]:].tolist()
+        stats = engine.stats
+        return stats["decode_tokens_per_s_after_warmup"] or stats["decode_tokens_per_s"]
     with torch.inference_mode():
-        for side in ("eager", "compiled"):
-            if side == "compiled":
-                engine.compiled = CompiledDecode(engine, progress)
-                engine.compiled.install()
-            for _ in range(2):  # the first call records the order, fills the cache, compiles
-                engine.reset_stats()
-                tokens = engine.model.generate(**engine.add_static_cache(dict(kwargs)))[0, ids.shape[1]:].tolist()
-            stats = engine.stats
-            out[side] = (tokens, stats["decode_tokens_per_s_after_warmup"] or stats["decode_tokens_per_s"])
+        for side in speeds:  # warm-up: records the order, fills the cache, compiles
+            run(side)
+        for _ in range(rounds):
+            for side in speeds:
+                speeds[side].append(run(side))
     engine.reset_stats()
-    return {"eager_tokens": out["eager"][0], "tokens": out["compiled"][0], "eager_tokens_per_s": out["eager"][1],
-            "compiled_tokens_per_s": out["compiled"][1], "compile_seconds": engine.compiled.compile_seconds,
-            "compiled": engine.compiled}
+    return {"eager_tokens": tokens["eager"], "tokens": tokens["compiled"],
+            "eager_tokens_per_s": statistics.median(speeds["eager"]),
+            "compiled_tokens_per_s": statistics.median(speeds["compiled"]),
+            "compile_seconds": compiled.compile_seconds, "compiled": compiled}
 
 
 def probe_key(engine) -> str:

@@ -224,3 +224,18 @@ def test_replan_compiles_the_step_afresh(models):
         engine.replan("full", "pin")
         assert torch.equal(greedy(engine, ids), expected)
         assert engine.compiled.forward is not first and engine.stats["compile_seconds"] > 0
+
+
+def test_measure_alternates_eager_and_compiled_rounds(models, monkeypatch):
+    # one warm-up of each side, then alternating rounds: a change in the machine's load mid-measurement falls on
+    # both sides instead of deciding `auto` once and for all
+    model_dir, weights_dir = models["llama"]
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
+                      compile=False) as engine:
+        sides, real = [], engine.model.generate
+        monkeypatch.setattr(engine.model, "generate",
+                            lambda **kw: sides.append("compiled" if engine.compiled else "eager") or real(**kw))
+        m = compiled.measure(engine, new_tokens=4, rounds=3)
+        assert engine.compiled is m["compiled"] and engine.stats["compiled"]  # left installed
+    assert sides == ["eager", "compiled"] * 4
+    assert m["tokens"] == m["eager_tokens"] and len(m["tokens"]) == 4  # float32: the same greedy tokens
