@@ -16,11 +16,11 @@ a static one, and we hand it this object. Prefill stays eager (its length varies
 length is part of the graph's shapes, so lengths are bucketed (powers of two from 256 on): few
 graphs, and attention never reads far past the longest context a call can reach.
 
-`compile="auto"` on cpu: whether the compiled step beats eager depends on the cpu (measured faster on a
-Sapphire Rapids VM, slower on an AMD EPYC VM before the decode attention ran in float32: benchmarks/README.md),
-so the first load of a model on a
-cpu measures both on that model (`measure`, a few seconds plus one compile) and records the answer per cpu,
-torch version, thread count and model shape in the offload cache dir (`PROBE_FILE`); later loads read it.
+`compile="auto"` on cpu: whether the compiled step beats eager depends on the cpu (it has measured slower
+than eager on an AMD EPYC VM before the decode attention was our kernel: benchmarks/README.md), so the first
+load of a model on a cpu measures both on that model (`measure`, a few seconds plus one compile) and records
+the answer per cpu, torch version, offload code, thread count and model shape in the offload cache dir
+(`PROBE_FILE`); later loads read it.
 """
 import hashlib
 import inspect
@@ -78,11 +78,11 @@ class CompiledDecode:
         # replan compiles afresh: `restart`), so only the guards on the step's own inputs are kept. That is safe
         # only with entries of our own: `isolate_recompiles` keeps this engine's graphs apart from another
         # engine's of the same model class (another shape, another head format). Older torch: all of them.
-        from torch._inductor import list_mode_options
-        options = list_mode_options(self.mode) if self.mode else {}
         skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
         if skip is None or "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
             return torch.compile(self.model.forward, fullgraph=True, mode=self.mode)
+        from torch._inductor import list_mode_options  # torch.compile takes a mode or options, not both
+        options = list_mode_options(self.mode) if self.mode else {}
         return torch.compile(self.model.forward, fullgraph=True, isolate_recompiles=True,
                              options={**options, "guard_filter_fn": skip, "size_asserts": False})
 
@@ -201,9 +201,9 @@ def probe_key(engine) -> str:
     shape = " ".join(f"{getattr(c, a, None)}" for a in ("model_type", "hidden_size", "intermediate_size",
                                                          "num_hidden_layers", "num_attention_heads",
                                                          "num_key_value_heads", "vocab_size"))
-    return (f"{cpu_name()} | offload {__version__} ({code}) | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-            f"{str(engine.dtype).removeprefix('torch.')} | block {engine.weights.block_size} | "
-            f"{'fused' if engine.groups else 'unfused'} | {shape}")
+    return (f"{cpu_name()} | offload {__version__} ({code}) | torch {torch.__version__} | "
+            f"{torch.get_num_threads()} threads | {str(engine.dtype).removeprefix('torch.')} | "
+            f"block {engine.weights.block_size} | {'fused' if engine.groups else 'unfused'} | {shape}")
 
 
 def cpu_auto(engine, progress: bool = True):

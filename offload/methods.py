@@ -14,9 +14,10 @@ differ, and every result is rounded by `quant.quantize` with the scales the meth
           decreasing Hessian diagonal ("act-order") with each block's scale fixed beforehand ("static
           groups": the stored layout is unchanged), by the mse search with each input's error weighted
           by its Hessian diagonal ("hmse": the error on an input that is often large costs more in the
-          output; measured better than plain mse on two texts, benchmarks/README.md). Each layer's Hessians come from one pass over the
-          calibration inputs (quantizing a layer's linears in call order, each from inputs made by the
-          quantized ones before, measured no better for twice the passes: benchmarks/README.md).
+          output; measured better than plain mse on two texts, benchmarks/README.md). Each layer's
+          Hessians come from one pass over the calibration inputs (quantizing a layer's linears in call
+          order, each from inputs made by the quantized ones before, measured no better for twice the
+          passes: benchmarks/README.md).
   awq     activation-aware scaling (Lin et al., 2023): per input channel c, scale the weight columns by
           s_c = mean|x_c|^alpha (alpha searched per group of linears reading the same input, for the
           least output error on calibration text) and divide the input by s_c where it is made: the
@@ -169,13 +170,18 @@ def gptq_peak_bytes(n: int, k: int, block_size: int = quant.BLOCK_SIZE, dtype=GP
     return max(factor, loop)
 
 
+def default_scale_search(method: str) -> str:
+    """The scale search a calibrated method uses unless told: GPTQ's block scales, or plain awq's rounding."""
+    return GPTQ_SCALE_SEARCH if method.endswith("gptq") else "mse"
+
+
 def gptq(w: torch.Tensor, hessian, block_size: int = quant.BLOCK_SIZE, damp: float = GPTQ_DAMP,
          scale_search: str = GPTQ_SCALE_SEARCH, factor_dtype=None, act_order: bool = True):
     """GPTQ-quantize one weight [N, K] given H = X^T X [K, K] of its inputs -> (packed, scales) as `quant.quantize`.
 
     act_order (default): the scales of all blocks are chosen first (`scale_search`: absmax, mse, or hmse: mse
-    with each column's error times its H diagonal; on the weight as given), then columns are quantized in order of decreasing H diagonal, the most active
-    inputs first, while the error still has the most columns left to go to. Otherwise columns go left to
+    with each column's error times its H diagonal; on the weight as given), then columns are quantized in
+    order of decreasing H diagonal, the most active inputs first, while the error still has the most columns left to go to. Otherwise columns go left to
     right and each block's scale is chosen when the block is reached, from its updated weights.
     `hessian` may be a `Hessian`: its matrix is then consumed (modified and released: `hessian.h` becomes
     None) to save memory. `factor_dtype`: of the inverse-Hessian factorization (None: GPTQ_FACTOR_DTYPE).
@@ -332,7 +338,7 @@ def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", b
     too; within a layer, one pass over the calibration inputs gives every linear's Hessian. Memory: the
     non-layer parameters, one float32 decoder layer, and the calibration activations [S, L, H]. The output
     projection is in `keys` when it should be quantized here too (GPTQ on the final norm's outputs).
-    scale_search: GPTQ's block scales (default GPTQ_SCALE_SEARCH), or plain awq's rounding (default mse).
+    scale_search: GPTQ's block scales, or plain awq's rounding (default: `default_scale_search(method)`).
     """
     from tqdm import tqdm
     if method not in CALIBRATED:
@@ -342,7 +348,7 @@ def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", b
         raise OffloadError(f"method {method} folds scales into the norms of the {', '.join(AWQ_FAMILIES)} "
                            f"families, not {source.config.model_type}: use gptq or mse")
     use_gptq = method.endswith("gptq")
-    scale_search = scale_search or (GPTQ_SCALE_SEARCH if use_gptq else "mse")
+    scale_search = scale_search or default_scale_search(method)
     ids = _calibration_ids(model_dir, calibration_text, seq_len, max_sequences or GPTQ_MAX_SEQUENCES)  # [S, L]
     runner = LayerwiseModel(source, device, torch.float32)
     keys = set(keys)

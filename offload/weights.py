@@ -259,9 +259,9 @@ def _method_options(method, calibration, lm_head) -> dict:
         text = path.read_text(encoding="utf-8", errors="replace")
         options.update(calibration_text=text, calibration=path.name if calibration is not None else "built-in",
                        calibration_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                       seq_len=methods.GPTQ_SEQ_LEN, scale_search="mse")
+                       seq_len=methods.GPTQ_SEQ_LEN, scale_search=methods.default_scale_search(method))
         if method.endswith("gptq"):
-            options.update(damp=methods.GPTQ_DAMP, act_order=True, scale_search=methods.GPTQ_SCALE_SEARCH)
+            options.update(damp=methods.GPTQ_DAMP, act_order=True)
     elif calibration is not None:
         raise OffloadError(f"--calibration is used by the methods {', '.join(methods.CALIBRATED)} only, not {method}")
     if method == "mse":

@@ -361,7 +361,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const bool bf16 = k.scalar_type() == at::kBFloat16;
   const int64_t es = k.element_size();
   at::parallel_for(0, n_b * n_kv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(group * n_t), acc(group * d);
+    std::vector<float> scores(group * n_t), acc(group * d), top(group), total(group);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / n_kv, kv = i % n_kv;
       const bool* mb = m.defined() ? m.data_ptr<bool>() + b * n_t : nullptr;
@@ -370,7 +370,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const float* qb = qf.data_ptr<float>() + (b * n_h + kv * group) * d;  // the group's G rows
       const char* kb = static_cast<const char*>(k.data_ptr()) + (b * k.stride(0) + kv * k.stride(1)) * es;
       const char* vb = static_cast<const char*>(v.data_ptr()) + (b * v.stride(0) + kv * v.stride(1)) * es;
-      std::vector<float> top(group, -INFINITY), total(group, 0.f);
+      std::fill(top.begin(), top.end(), -INFINITY);
+      std::fill(total.begin(), total.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {
         if (mb && !mb[t]) continue;
         const char* kr = kb + t * k.stride(2) * es;
