@@ -1,5 +1,6 @@
 """The compiled decode step (offload/compiled.py): one graph with no breaks, the same greedy tokens
 as the eager engine, and eager wherever the plan is not all bound."""
+import functools
 import json
 import shutil
 
@@ -239,3 +240,28 @@ def test_measure_alternates_eager_and_compiled_rounds(models, monkeypatch):
         assert engine.compiled is m["compiled"] and engine.stats["compiled"]  # left installed
     assert sides == ["eager", "compiled"] * 4
     assert m["tokens"] == m["eager_tokens"] and len(m["tokens"]) == 4  # float32: the same greedy tokens
+
+
+def test_cuda_mode_reaches_torch_compile_as_options(models, monkeypatch):
+    # torch.compile takes a mode or options, not both: on cuda the step's CUDA graphs must arrive as the
+    # options "reduce-overhead" stands for, beside the guard filter (checked on cpu with a fake torch.compile)
+    from torch._inductor import list_mode_options
+    model_dir, weights_dir = models["llama"]
+    calls = []
+    real = torch.compile
+
+    @functools.wraps(real)  # the real signature: _compile looks for isolate_recompiles in it
+    def fake(fn, **kw):
+        calls.append(kw)
+        return fn
+    monkeypatch.setattr(torch, "compile", fake)
+    with offload.load(model_dir, weights_dir, device="cpu", dtype=torch.float32, progress=False,
+                      compile=False) as engine:
+        step = CompiledDecode(engine, progress=False)
+        step.mode = "reduce-overhead"  # what a cuda engine sets
+        step.restart()
+    cpu, cuda = calls
+    assert "mode" not in cuda and cuda["isolate_recompiles"] and cuda["fullgraph"]
+    assert list_mode_options("reduce-overhead").items() <= cuda["options"].items()
+    assert cuda["options"]["guard_filter_fn"] is torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    assert cpu["options"].keys() == {"guard_filter_fn", "size_asserts"}
