@@ -3,7 +3,8 @@
     python benchmarks/eval_methods.py                       # every variant; JSON + a markdown table
     python benchmarks/eval_methods.py --variants mse:int4 gptq:bf16:32 --out /tmp/evals
 
-A variant is method:lm_head[:block size]. For each the demo model (SmolLM2-135M-Instruct) is quantized
+A variant is method:lm_head[:block size[:int8 names joined by +]] (awq+gptq:int8:32:down_proj: offload-quantize
+--int8 down_proj). For each the demo model (SmolLM2-135M-Instruct) is quantized
 into OUT/<method>-<lm_head>-<block> (reused when it exists) and scored with offload.evaluate on
 benchmarks/data/eval.txt; the calibrated methods (gptq, awq, awq+gptq) read the built-in calibration
 text, offload/data/calibration.txt (a different text). The synthetic check quantizes Gaussian weights,
@@ -55,26 +56,27 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def parse_variant(variant: str) -> tuple[str, str, int]:
-    method, lm_head, *block = variant.split(":")
-    return method, lm_head, int(block[0]) if block else quant.BLOCK_SIZE
+def parse_variant(variant: str) -> tuple[str, str, int, tuple]:
+    method, lm_head, *rest = variant.split(":")
+    block = int(rest[0]) if rest else quant.BLOCK_SIZE
+    return method, lm_head, block, tuple(rest[1].split("+")) if len(rest) > 1 else ()
 
 
-def quantize_timed(model_dir, weights: Path, method: str, lm_head: str, block_size: int) -> dict:
+def quantize_timed(model_dir, weights: Path, method: str, lm_head: str, block_size: int, int8=()) -> dict:
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     quantize_model(model_dir, weights, method=method, lm_head=lm_head, block_size=block_size, force=True,
-                   progress=False)
+                   progress=False, int8=int8)
     return {"quantize_seconds": time.perf_counter() - t0, "quantize_cpu_seconds": cpu_seconds() - cpu0}
 
 
 def run_variant(model_dir, out: Path, variant: str, max_tokens: int, stride: int, requantize: bool,
                 text: Path = DATA / "eval.txt") -> dict:
-    method, lm_head, block = parse_variant(variant)
-    weights = out / f"{method}-{lm_head}-{block}"
-    timing = out / f"{method}-{lm_head}-{block}.time.json"
+    method, lm_head, block, int8 = parse_variant(variant)
+    name = "-".join([method, lm_head, str(block), *int8])
+    weights, timing = out / name, out / f"{name}.time.json"
     if requantize or not (weights / "offload.json").exists():
         timing.write_text(json.dumps({"quantize_cpu_seconds": quantize_timed(model_dir, weights, method, lm_head,
-                                                                             block)["quantize_cpu_seconds"]}))
+                                                                             block, int8)["quantize_cpu_seconds"]}))
     r = evaluate(model_dir, weights, text, max_tokens=max_tokens, stride=stride, dtype="float32",
                  progress=False)  # the accuracy table compares against the exact float32 reference
     r["quantize_seconds"] = WeightsDir(weights).manifest["quantize_seconds"]
@@ -90,7 +92,8 @@ def table(rows: list[dict]) -> str:
         lines.insert(2, f"| unquantized | - | - | - | {rows[0]['reference_ppl']:.3f} | - | - | - | - | - |")
     for r in rows:
         cpu = r.get("quantize_cpu_seconds")
-        lines.append(f"| {r['method']} | {r['block_size']} | {r['bits_linears']:.3f} | {r['lm_head']} | {r['ppl']:.3f} | {100 * r['ppl_change']:+.1f}% | "
+        method = r["method"] + (f" --int8 {' '.join(r['int8'])}" if r.get("int8") else "")
+        lines.append(f"| {method} | {r['block_size']} | {r['bits_linears']:.3f} | {r['lm_head']} | {r['ppl']:.3f} | {100 * r['ppl_change']:+.1f}% | "
                      f"{100 * r['top1_agreement']:.1f}% | {r['kl_mean']:.4f} | {r['quantize_seconds']:.1f} s | "
                      f"{'-' if cpu is None else f'{cpu:.1f} s'} |")
     return "\n".join(lines)

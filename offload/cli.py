@@ -68,6 +68,11 @@ def quantize_main(argv=None) -> int:
     p.add_argument("--lm-head", choices=("int4", "int8", "bf16"), default=None,
                    help="precision of the output projection: int8 (default) and bf16 stay resident on the device, "
                    "int4 is streamed like the other linears")
+    p.add_argument("--int8", metavar="NAMES", default="",
+                   help="decoder linears to store in int8 instead of int4, comma-separated: sensitive (v_proj, o_proj "
+                   "and some layers' down_proj: with --block-size 32 it loses less than llama.cpp's Q4_K_M), module "
+                   "names (down_proj: in every layer) or globs on the full name ('model.layers.0.*'); resident on the "
+                   "device like the int8 output projection: more accuracy for more bytes (see README)")
     p.add_argument("--force", action="store_true", help="replace an existing weights dir")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     _add_version(p)
@@ -86,7 +91,7 @@ def _quantize(args) -> int:
               if v is not None}
     out = quantize_model(args.model_dir, args.weights_dir, device=args.device,
                          shard_bytes=parse_size(args.shard_size), force=args.force, calibration=args.calibration,
-                         **chosen)
+                         int8=tuple(n for n in args.int8.split(",") if n), **chosen)
     print(f"wrote {out}: {WeightsDir(out).describe()}", file=sys.stderr)
     from .gguf_source import cost_hint, gguf_files, is_gguf
     if is_gguf(args.model_dir):

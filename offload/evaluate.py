@@ -93,9 +93,10 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
     bfloat16, one thread per physical core; dtype=torch.float32 is the exact reference compute).
     cache/policy go to `offload.load`. compare_gguf: a GGUF file also scored, by llama.cpp (llama-cpp-python)
     on the cpu with the same token ids and windows; its vocabulary must be the model's.
-    Returns a dict: ppl, reference_ppl, ppl_change (relative), top1_agreement, kl_mean (nats per
-    token), bits_per_weight ({linears, model}: offload.bits), block_size, tokens, scored_tokens, windows,
-    the settings, and with compare_gguf a "gguf" dict of the same figures for that file.
+    Returns a dict: ppl, reference_ppl, ppl_change (relative), top1_agreement, kl_mean (nats per token), int8
+    (the decoder linears stored in int8, as asked at quantize time), bits_per_weight ({linears, model}:
+    offload.bits), block_size, tokens, scored_tokens, windows, the settings, and with compare_gguf a "gguf" dict
+    of the same figures for that file.
     """
     from .engine import resolve_device, resolve_dtype, load, set_threads
     t0 = time.perf_counter()
@@ -148,6 +149,7 @@ def evaluate(model_dir, weights_dir, text, *, max_tokens=DEFAULT_MAX_TOKENS, str
     result = {
         "model_dir": str(model_dir), "weights_dir": str(weights_dir),
         "method": manifest.get("method", "absmax"), "lm_head": manifest.get("lm_head", "int4"),
+        "int8": manifest.get("method_options", {}).get("int8", []),
         "block_size": manifest["block_size"], "bits_per_weight": weight_bits,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "max_tokens": max_tokens, "stride": stride, "tokens": len(ids), "windows": len(spans), "scored_tokens": n,
@@ -167,7 +169,7 @@ def summary(r: dict) -> str:
     lines = [
         f"{r['tokens']} tokens in {r['windows']} windows of {r['max_tokens']} (stride {r['stride']}), "
         f"{r['scored_tokens']} scored; {r['device']} {r['dtype']}; weights: {r['method']}, block {r['block_size']}, "
-        f"lm_head {r['lm_head']}",
+        f"lm_head {r['lm_head']}" + (f", int8 {' '.join(r['int8'])}" if r.get("int8") else ""),
         f"bits per weight: {b['linears']:.3f} on the decoder linears, {b['model']:.3f} for the whole model",
         f"perplexity:      reference {r['reference_ppl']:.4f}, offload {r['ppl']:.4f} ({100 * r['ppl_change']:+.2f}%)",
         f"top-1 agreement: {100 * r['top1_agreement']:.2f}%, mean KL {r['kl_mean']:.5f} nats/token",

@@ -29,6 +29,7 @@ Methods that need activations (gptq, awq, awq+gptq) read calibration text: by de
 shipped in offload/data/calibration.txt (written for this project), or the user's own file.
 """
 import contextlib
+import re
 from pathlib import Path
 
 import torch
@@ -64,6 +65,36 @@ AWQ_GROUPS = ((AWQ_NORMS[0], ("self_attn.q_proj", "self_attn.k_proj", "self_attn
               ("self_attn.v_proj", ("self_attn.o_proj",)),  # only where v's rows are o's columns (no GQA)
               ("mlp.up_proj", ("mlp.down_proj",)))
 AWQ_FAMILIES = ("llama", "mistral", "qwen2")  # RMSNorm as x / rms * weight: the scale folds into the weight
+
+
+# `--int8 sensitive`: the decoder linears stored in int8 instead of int4 where accuracy matters more than bytes.
+# v_proj and o_proj (the attention's value path) in every layer, down_proj in the layers `more_bits` picks:
+# measured on the demo model, this mix at 5.47 bits per weight loses less than llama.cpp's Q4_K_M at 5.53
+# (benchmarks/README.md, "Mixed precision").
+SENSITIVE_EVERY_LAYER = ("v_proj", "o_proj")
+SENSITIVE_SOME_LAYERS = ("down_proj",)
+
+
+def more_bits(layer: int, layers: int) -> bool:
+    """The layers whose down_proj `--int8 sensitive` keeps in int8: the first and last eighth, and every third
+    layer between (the rule llama.cpp's Q4_K_M uses to give some layers more bits)."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def sensitive_linears(decoder_linears: list[str]) -> list[str]:
+    """The module names (model.layers.<i>.<...>.<name>) `--int8 sensitive` stores in int8."""
+    layer_of = {}
+    for m in decoder_linears:
+        found = re.search(r"\.(\d+)\.", m)  # the layer index in the module's name
+        if found:
+            layer_of[m] = int(found[1])
+    layers = max(layer_of.values(), default=-1) + 1
+    chosen = []
+    for m, layer in layer_of.items():
+        name = m.rpartition(".")[2]
+        if name in SENSITIVE_EVERY_LAYER or (name in SENSITIVE_SOME_LAYERS and more_bits(layer, layers)):
+            chosen.append(m)
+    return chosen
 
 
 def default_method(gguf: bool, model_type: str) -> str:
@@ -279,14 +310,15 @@ def _awq_search(w: torch.Tensor, h: torch.Tensor, x_mean: torch.Tensor, block_si
     return best
 
 
-def _awq_layer(runner: LayerwiseModel, i: int, layer: torch.nn.Module, hidden: list, block_size: int):
+def _awq_layer(runner: LayerwiseModel, i: int, layer: torch.nn.Module, hidden: list, block_size: int, skip=()):
     """Search and fold AWQ scales into decoder layer i (its modules change in place; the layer computes the
-    same function) -> {key: new weight} of the norms that took a scale (stored unquantized)."""
+    same function) -> {key: new weight} of the norms that took a scale (stored unquantized). A group whose
+    linears are all in `skip` (names within the layer: int8 ones) takes no scale."""
     modules = dict(layer.named_modules())
     groups = []
     for src, names in AWQ_GROUPS:
         parts = [modules.get(n) for n in names]
-        if src not in modules or not all(isinstance(m, torch.nn.Linear) for m in parts):
+        if src not in modules or not all(isinstance(m, torch.nn.Linear) for m in parts) or set(names) <= set(skip):
             continue
         maker = modules[src]
         if isinstance(maker, torch.nn.Linear) and maker.out_features != parts[0].in_features:
@@ -329,7 +361,7 @@ def _awq_layer(runner: LayerwiseModel, i: int, layer: torch.nn.Module, hidden: l
 @torch.no_grad()
 def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", block_size=quant.BLOCK_SIZE,
                      device="cpu", seq_len=GPTQ_SEQ_LEN, max_sequences=None, damp=GPTQ_DAMP,
-                     scale_search=None, act_order=True, progress=True):
+                     scale_search=None, act_order=True, int8_keys=(), progress=True):
     """A calibrated method (gptq, awq, awq+gptq) over a whole HF model, one decoder layer at a time: yields
     (key, (packed, scales)) for each int4 weight in `keys`, and, for awq, (key, tensor) for each norm weight
     that took a scale.
@@ -338,6 +370,8 @@ def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", b
     too; within a layer, one pass over the calibration inputs gives every linear's Hessian. Memory: the
     non-layer parameters, one float32 decoder layer, and the calibration activations [S, L, H]. The output
     projection is in `keys` when it should be quantized here too (GPTQ on the final norm's outputs).
+    int8_keys: decoder linears of `keys` rounded to int8 instead (`quant.quantize_int8`, yielded as (qweight,
+    scales)), after AWQ's scales where their group took one; a group whose linears are all int8 takes none.
     scale_search: GPTQ's block scales, or plain awq's rounding (default: `default_scale_search(method)`).
     """
     from tqdm import tqdm
@@ -351,18 +385,20 @@ def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", b
     scale_search = scale_search or default_scale_search(method)
     ids = _calibration_ids(model_dir, calibration_text, seq_len, max_sequences or GPTQ_MAX_SEQUENCES)  # [S, L]
     runner = LayerwiseModel(source, device, torch.float32)
-    keys = set(keys)
+    keys, int8_keys = set(keys), set(int8_keys)
     hidden = [runner.embed(row[None]) for row in ids]  # S x [1, L, H]
     names = {id(m): n for n, m in runner.model.named_modules()}
     layers = tqdm(runner.layers(), total=len(runner.decoder_layers), desc=method, unit="layer",
                   disable=not progress)
     for i, layer in layers:
         if method.startswith("awq"):
-            yield from _awq_layer(runner, i, layer, hidden, block_size).items()
+            prefix = runner.layer_prefix[i]
+            int8_here = {k[len(prefix):].removesuffix(".weight") for k in int8_keys if k.startswith(prefix)}
+            yield from _awq_layer(runner, i, layer, hidden, block_size, skip=int8_here).items()
         linears = {f"{names[id(m)]}.weight": m for m in layer.modules()
                    if isinstance(m, torch.nn.Linear) and f"{names[id(m)]}.weight" in keys}
-        order = list(linears)
-        if use_gptq:
+        order = [key for key in linears if key not in int8_keys]  # the int4 linears
+        if use_gptq and order:
             hessians, last = {}, [None, None]  # last: (input, its Hessian); q/k/v and gate/up share one
 
             def add(key):
@@ -387,6 +423,12 @@ def calibrated_model(model_dir, calibration_text: str, keys, *, method="gptq", b
                 for hook in hooks:
                     hook.remove()
             last[:] = None, None
+        for key in linears:
+            if key in int8_keys:  # int8 rounding loses little: no error compensation needed
+                m = linears[key]
+                qweight, scales = quant.quantize_int8(m.weight, block_size)
+                m.weight.copy_(quant.dequantize_int8(qweight, scales, m.in_features))
+                yield key, (qweight.cpu(), scales.cpu())
         for n, key in enumerate(order):
             m = linears[key]
             if use_gptq:

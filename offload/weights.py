@@ -5,13 +5,15 @@ weights/
   model-00001.safetensors ...   "<name>.qweight" uint8 [N, Kp/2] + "<name>.scales" bf16 [N, Kp/128] per linear,
                                 unquantized tensors (embeddings, norms, biases) under their own names
   config.json, tokenizer files  copied so the dir is self-contained
-A linear's manifest record says its "quant": int4 (every decoder linear), or for the output projection
-also int8 ("<name>.qweight" int8 [N, Kp] + "<name>.scales", see offload.quant) or bf16 ("<name>.weight").
+A linear's manifest record says its "quant": int4 (the decoder linears), int8 ("<name>.qweight" int8 [N, Kp] +
+"<name>.scales", see offload.quant: the output projection by default, decoder linears named by `int8`) or, for
+the output projection, bf16 ("<name>.weight").
 The manifest also records the method (absmax, mse, gptq, awq, awq+gptq: offload.methods) and its options.
 Only safetensors and JSON are read: no pickle anywhere.
 """
-import hashlib
 import contextlib
+import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -119,7 +121,7 @@ class _ShardWriter:
 
 def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, device="cpu",
                    shard_bytes=1 << 30, force=False, progress=True, method=DEFAULT_METHOD,
-                   calibration=None, lm_head=DEFAULT_LM_HEAD) -> Path:
+                   calibration=None, lm_head=DEFAULT_LM_HEAD, int8=()) -> Path:
     """Quantize an HF safetensors model dir, or a GGUF file (a dir holding one, a split set), into a
     weights dir, one tensor at a time. A GGUF's tensors are dequantized one by one (offload.gguf_source)
     and its config and tokenizer files are built from its metadata.
@@ -131,6 +133,9 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     drive the method; None takes the built-in text (offload/data/calibration.txt).
     lm_head: precision of the output projection: "int8" (default) or "bf16", kept resident on the
     device, or "int4", streamed through the cache like every other linear.
+    int8: decoder linears stored in int8 instead of int4, each name "sensitive" (the measured mix of
+    methods.sensitive_linears), a module's own name (down_proj: in every layer) or a glob on its full name
+    (model.layers.0.*); resident on the device like an int8 output projection. More accuracy for more bytes.
     Writes into a temporary sibling dir and renames it at the end, so an interrupted run never
     leaves a weights dir that looks complete; an existing weights dir (force) is replaced only then.
     Refuses an output that is the model dir, contains it or the current dir, or is a non-empty dir
@@ -163,6 +168,9 @@ def quantize_model(model_dir, weights_dir, *, block_size=quant.BLOCK_SIZE, devic
     linear_keys = {f"{name}.weight" for name in linears}
     head = skeleton.get_output_embeddings()
     options["head_key"] = next((f"{n}.weight" for n, m in linears.items() if m is head), None)
+    options["int8_keys"] = int8_linears([n for n, m in linears.items() if m is not head], int8)
+    if int8:
+        options["int8"] = list(int8)
 
     with atomic_dir(out) as tmp:
         manifest = _quantize_tensors(source, tmp, config, wanted, linear_keys, modules,
@@ -246,6 +254,24 @@ def atomic_dir(out: Path, marker: str = MANIFEST):
         os.replace(tmp, out)
 
 
+def int8_linears(decoder_linears: list[str], names) -> set[str]:
+    """The weight keys of the decoder linears (module names) that `names` choose for int8: a name matches a
+    module's own name (down_proj) or, as a glob, its full name (model.layers.0.*); "sensitive" is the measured mix
+    of `methods.sensitive_linears`. A name matching none fails."""
+    chosen = set()
+    for name in names:
+        if name == "sensitive":
+            hits = methods.sensitive_linears(decoder_linears)
+        else:
+            hits = [m for m in decoder_linears if m.rpartition(".")[2] == name or fnmatch.fnmatchcase(m, name)]
+        if not hits:
+            own = sorted({m.rpartition(".")[2] for m in decoder_linears})
+            raise OffloadError(f"--int8 {name}: no decoder linear is called that (this model's: {', '.join(own)}; "
+                               "a glob on the full name, e.g. 'model.layers.0.*'; or sensitive)")
+        chosen.update(f"{m}.weight" for m in hits)
+    return chosen
+
+
 def _method_options(method, calibration, lm_head) -> dict:
     if method not in methods.METHODS:
         raise OffloadError(f"unknown quantization method {method!r} (choose from {', '.join(methods.METHODS)})")
@@ -281,7 +307,7 @@ def _by_rows(quantize, w: torch.Tensor, device):
 def _linear_record(key, src, options, block_size, device):
     """Quantize one linear weight the way `options` says -> (manifest record, tensors to store)."""
     stem = key.removesuffix(".weight")
-    precision = options["lm_head"] if key == options["head_key"] else "int4"
+    precision = options["lm_head"] if key == options["head_key"] else "int8" if key in options["int8_keys"] else "int4"
     record = {"role": "linear", "shape": list(src.shape), "quant": precision}
     if precision == "bf16":
         record.update(dtype="bfloat16", keys=[key])
@@ -341,14 +367,16 @@ def _quantize_tensors(source, tmp, config, wanted, linear_keys, modules, block_s
         del src
     if deferred:
         results = methods.calibrated_model(model_dir, options["calibration_text"], deferred & set(linear_keys),
+                                           int8_keys=options["int8_keys"],
                                            method=options["method"], block_size=block_size, device=device,
                                            seq_len=options["seq_len"], damp=options.get("damp", methods.GPTQ_DAMP),
                                            scale_search=options["scale_search"],
                                            act_order=options.get("act_order", True), progress=progress)
         for key, value in results:
             stem = key.removesuffix(".weight")
-            if isinstance(value, tuple):  # an int4 linear
-                tensors[key] = {"role": "linear", "shape": list(wanted[key]), "quant": "int4",
+            if isinstance(value, tuple):  # a linear: int4, or int8 where asked
+                tensors[key] = {"role": "linear", "shape": list(wanted[key]),
+                                "quant": "int8" if key in options["int8_keys"] else "int4",
                                 "keys": [f"{stem}.qweight", f"{stem}.scales"]}
                 writer.add(tensors[key], {f"{stem}.qweight": value[0], f"{stem}.scales": value[1]})
             else:  # a norm weight that took AWQ scales
@@ -363,7 +391,7 @@ def _quantize_tensors(source, tmp, config, wanted, linear_keys, modules, block_s
     return {"format": "offload-int4", "format_version": FORMAT_VERSION, "block_size": block_size,
             "method": options["method"], "lm_head": options["lm_head"],
             "method_options": {k: v for k, v in options.items() if k not in ("method", "lm_head", "head_key",
-                                                                               "calibration_text")},
+                                                                               "calibration_text", "int8_keys")},
             "source_model": model_dir.resolve().name, "source_sha256": source.fingerprint(),
             "model_type": config.model_type, "architectures": getattr(config, "architectures", None),
             "quantize_seconds": round(time.time() - t0, 2), "shards": writer.shards,
@@ -594,6 +622,10 @@ class WeightsDir:
 
     def describe(self) -> str:
         sizes = [quant.quantized_nbytes(t.shape, self.block_size) for t in self.linears.values()]
-        resident = "".join(f" + {n} {t.quant}" for n, t in self.resident_linears.items())
+        counts = {}  # resident linears: one name for a single one (the output projection), else a count
+        for n, t in self.resident_linears.items():
+            counts.setdefault(t.quant, []).append(n)
+        resident = "".join(f" + {names[0]} {q}" if len(names) == 1 else f" + {len(names)} {q} matrices"
+                           for q, names in counts.items())
         method = self.manifest.get("method", "absmax")
         return f"{len(sizes)} int4 matrices ({method}), {fmt_bytes(sum(a + b for a, b in sizes))}{resident}"

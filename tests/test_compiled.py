@@ -265,3 +265,16 @@ def test_cuda_mode_reaches_torch_compile_as_options(models, monkeypatch):
     assert list_mode_options("reduce-overhead").items() <= cuda["options"].items()
     assert cuda["options"]["guard_filter_fn"] is torch.compiler.skip_guard_on_all_nn_modules_unsafe
     assert cpu["options"].keys() == {"guard_filter_fn", "size_asserts"}
+
+
+def test_int8_decoder_linears_compile_and_match_eager(llama, tmp_path):
+    # `--int8 down_proj`: a resident Int8Linear in every layer, inside the compiled step
+    model_dir, _ = llama
+    quantize_model(model_dir, tmp_path / "w", progress=False, method="absmax", lm_head="int8", int8=("down_proj",))
+    ids = prompt_ids("cpu")
+    expected = eager_greedy(model_dir, tmp_path / "w", ids)
+    torch._dynamo.reset()
+    with offload.load(model_dir, tmp_path / "w", device="cpu", dtype=torch.float32, progress=False,
+                      compile=True) as engine:
+        assert not any("down_proj" in key for key in engine.store.entries)
+        assert torch.equal(greedy(engine, ids), expected) and engine.stats["compiled"]

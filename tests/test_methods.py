@@ -8,6 +8,7 @@ from offload import methods, quant
 from offload.modules import Int8Linear
 from offload.cli import quantize_main
 from offload.errors import OffloadError
+from offload.source import SourceModel
 from offload.weights import WeightsDir, quantize_model
 
 
@@ -298,3 +299,105 @@ def test_calibrated_model_defaults_to_each_methods_own_scale_search(llama, monke
     key = "model.layers.0.self_attn.q_proj.weight"
     out = dict(methods.calibrated_model(model_dir, CALIBRATION, {key}, method=method, progress=False))
     assert key in out and seen == [expect]
+
+
+def _stored_reference(model_dir, w):
+    """The HF model with the weights dir's stored values: int4 and int8 linears dequantized, the rest as stored."""
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())  # untied: its own stored copy
+    for name, info in w.tensors.items():
+        stored = w.read(name)
+        param = ref.get_parameter(name)
+        if info.role != "linear":
+            param.data = stored[0].float()
+        elif info.quant == "int8":
+            param.data = quant.dequantize_int8(*stored, info.shape[1])
+        else:
+            param.data = quant.dequantize(*stored, info.shape)
+    return ref.eval()
+
+
+def _engine_logits(model_dir, weights_dir, ids, **kwargs):
+    with offload.load(model_dir, weights_dir, cache="full", device="cpu", progress=False, **kwargs) as engine:
+        with torch.no_grad():
+            return engine.model(input_ids=ids).logits.float(), set(engine.store.entries)
+
+
+def test_int8_decoder_linears_by_name_and_glob_are_resident_and_match_their_reference(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model_dir, _ = llama
+    assert quantize_main([str(model_dir), str(tmp_path / "w"), "--method", "mse", "--block-size", "32",
+                          "--int8", "down_proj,model.layers.1.self_attn.*"]) == 0
+    w = WeightsDir(tmp_path / "w")
+    chosen = {f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)}
+    chosen |= {f"model.layers.1.self_attn.{n}_proj.weight" for n in "qkvo"}
+    assert set(w.resident_linears) == chosen | {"lm_head.weight"}
+    assert all(w.resident_linears[k].quant == "int8" for k in chosen) and not chosen & set(w.linears)
+    assert w.manifest["method_options"]["int8"] == ["down_proj", "model.layers.1.self_attn.*"]
+    assert w.describe().endswith("+ 8 int8 matrices")  # 7 decoder linears and the output projection
+    # an independent reference from the source weights: int8 rounding for the chosen linears and the head, mse int4
+    # at block 32 for the others, bf16 for the rest
+    src = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    head = src.get_input_embeddings().weight.detach().clone()
+    for name, module in src.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            wt = module.weight.data
+            module.weight.data = (quant.dequantize_int8(*quant.quantize_int8(wt, 32), wt.shape[1])
+                                  if f"{name}.weight" in chosen else
+                                  quant.dequantize(*methods.quantize_weight(wt, "mse", 32), wt.shape))
+    src.lm_head.weight = torch.nn.Parameter(quant.dequantize_int8(*quant.quantize_int8(head, 32), head.shape[1]))
+    for module in src.modules():
+        if not isinstance(module, torch.nn.Linear):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16).float()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    got, streamed = _engine_logits(model_dir, tmp_path / "w", ids, dtype=torch.float32)
+    assert not streamed & chosen  # never streamed: resident Int8Linear modules
+    with torch.no_grad():
+        torch.testing.assert_close(got, src.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    # bf16 activations take the int8 and int4 kernels (the native cpu ones where they build)
+    got16, _ = _engine_logits(model_dir, tmp_path / "w", ids, dtype=torch.bfloat16)
+    assert (got16.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+
+
+def test_int8_linears_with_awq_gptq_match_the_stored_weights_and_take_no_awq_scale_alone(llama, tmp_path):
+    model_dir, _ = llama
+    out = quantize_model(model_dir, tmp_path / "w", method="awq+gptq", int8=("down_proj", "v_proj"), block_size=32,
+                         progress=False)
+    w = WeightsDir(out)
+    assert {k for k, t in w.resident_linears.items() if t.quant == "int8"} == \
+        {f"model.layers.{i}.{n}.weight" for i in range(3) for n in ("mlp.down_proj", "self_attn.v_proj")} | {"lm_head.weight"}
+    src = SourceModel(model_dir)
+    for i in range(3):
+        # down_proj alone in its AWQ group (up_proj -> down_proj): no scale, so it is the source weight rounded to
+        # int8. v_proj shares the input norm's scale with int4 q/k: scaled by it, so not the plain rounding.
+        down, v = (f"model.layers.{i}.{n}.weight" for n in ("mlp.down_proj", "self_attn.v_proj"))
+        assert all(torch.equal(a, b) for a, b in zip(w.read(down), quant.quantize_int8(src.tensor(down), 32)))
+        assert not torch.equal(w.read(v)[0], quant.quantize_int8(src.tensor(v), 32)[0])
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    got, _ = _engine_logits(model_dir, out, ids, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(got, _stored_reference(model_dir, w)(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_names_that_match_nothing_are_one_line_errors(llama, tmp_path, capsys):
+    model_dir, _ = llama
+    rc = quantize_main([str(model_dir), str(tmp_path / "w"), "--method", "absmax", "--int8", "down"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err and not (tmp_path / "w").exists()
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        "offload-quantize: error: --int8 down: no decoder linear is called that (this model's: down_proj, gate_proj, "
+        "k_proj, o_proj, q_proj, up_proj, v_proj; a glob on the full name, e.g. 'model.layers.0.*'; or sensitive)"]
+    with pytest.raises(OffloadError, match="--int8 lm_head: no decoder linear"):  # the output projection has --lm-head
+        quantize_model(model_dir, tmp_path / "w", method="absmax", int8=("lm_head",), progress=False)
+
+
+def test_int8_sensitive_is_v_and_o_everywhere_and_down_where_llama_cpp_gives_more_bits(llama, tmp_path):
+    # llama.cpp's Q4_K_M rule on 30 layers (SmolLM2-135M): the first 3, the last 4, and every third from layer 5
+    assert [i for i in range(30) if methods.more_bits(i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    model_dir, _ = llama  # 3 layers: down_proj of layer 2 only
+    w = WeightsDir(quantize_model(model_dir, tmp_path / "w", method="absmax", int8=("sensitive",), progress=False))
+    want = {f"model.layers.{i}.self_attn.{n}.weight" for i in range(3) for n in ("v_proj", "o_proj")}
+    assert set(w.resident_linears) == want | {"model.layers.2.mlp.down_proj.weight", "lm_head.weight"}
+    assert w.manifest["method_options"]["int8"] == ["sensitive"]
