@@ -192,19 +192,10 @@ def test_quantize_model_records_the_method_and_calibrated_methods_run_layer_by_l
             assert all(torch.equal(a, b) for a, b in zip(got, ref))
     # the engine computes exactly what the weights dir holds: the HF model with those weights dequantized,
     # embeddings and norms as stored
-    from transformers import AutoModelForCausalLM
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())  # untied: lm_head is its own int4
-    for name, info in w.tensors.items():
-        param = ref.get_parameter(name)
-        param.data = (quant.dequantize(*w.read(name), info.shape) if info.role == "linear"
-                      else w.read(name)[0].float())
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    with offload.load(model_dir, out, cache="full", device="cpu", dtype=torch.float32,
-                      progress=False) as engine:
-        with torch.no_grad():
-            got, want = engine.model(input_ids=ids).logits, ref.eval()(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got, _ = _engine_logits(model_dir, out, ids, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(got, _stored_reference(model_dir, w)(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_method_options_are_one_line_errors(llama, tmp_path, capsys):
