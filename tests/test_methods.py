@@ -192,10 +192,7 @@ def test_quantize_model_records_the_method_and_calibrated_methods_run_layer_by_l
             assert all(torch.equal(a, b) for a, b in zip(got, ref))
     # the engine computes exactly what the weights dir holds: the HF model with those weights dequantized,
     # embeddings and norms as stored
-    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    got, _ = _engine_logits(model_dir, out, ids, dtype=torch.float32)
-    with torch.no_grad():
-        torch.testing.assert_close(got, _stored_reference(model_dir, w)(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert_engine_computes_what_is_stored(model_dir, w)
 
 
 def test_bad_method_options_are_one_line_errors(llama, tmp_path, capsys):
@@ -309,6 +306,14 @@ def _stored_reference(model_dir, w):
     return ref.eval()
 
 
+def assert_engine_computes_what_is_stored(model_dir, w):
+    """float32 engine logits == those of the HF model holding the weights dir's stored values."""
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    got, _ = _engine_logits(model_dir, w.path, ids, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(got, _stored_reference(model_dir, w)(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def _engine_logits(model_dir, weights_dir, ids, **kwargs):
     with offload.load(model_dir, weights_dir, cache="full", device="cpu", progress=False, **kwargs) as engine:
         with torch.no_grad():
@@ -366,10 +371,7 @@ def test_int8_linears_with_awq_gptq_match_the_stored_weights_and_take_no_awq_sca
         down, v = (f"model.layers.{i}.{n}.weight" for n in ("mlp.down_proj", "self_attn.v_proj"))
         assert all(torch.equal(a, b) for a, b in zip(w.read(down), quant.quantize_int8(src.tensor(down), 32)))
         assert not torch.equal(w.read(v)[0], quant.quantize_int8(src.tensor(v), 32)[0])
-    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    got, _ = _engine_logits(model_dir, out, ids, dtype=torch.float32)
-    with torch.no_grad():
-        torch.testing.assert_close(got, _stored_reference(model_dir, w)(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert_engine_computes_what_is_stored(model_dir, w)
 
 
 def test_int8_names_that_match_nothing_are_one_line_errors(llama, tmp_path, capsys):
